@@ -1,0 +1,196 @@
+"""The VAE's single-head spatial self-attention and its interchangeable processors.
+
+A processor computes the whole attention block for one `Attention` module, as in diffusers;
+processors differ only in how they evaluate softmax(q k^T / sqrt(C)) v. Register new ones
+with `register_attn_processor`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_EPS = 1e-6
+
+
+class Attention(nn.Module):
+    """GroupNorm, one-head self-attention over all H*W positions, residual add.
+
+    Parameter names are diffusers' (group_norm, to_q, to_k, to_v, to_out.0); LDM files store
+    the same weights as norm, q, k, v, proj_out (1x1 convs), see `convert.py`.
+    """
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.channels = channels
+        self.heads = 1  # every KL-VAE uses a single head as wide as the mid block
+        self.scale = 1.0 / math.sqrt(channels)
+        self.group_norm = nn.GroupNorm(groups, channels, eps=NORM_EPS, affine=True)
+        self.to_q = nn.Linear(channels, channels, bias=True)
+        self.to_k = nn.Linear(channels, channels, bias=True)
+        self.to_v = nn.Linear(channels, channels, bias=True)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels, bias=True), nn.Dropout(0.0)])
+        self.processor: AttnProcessorBase = default_processor()
+
+    def set_processor(self, processor: "AttnProcessorBase") -> None:
+        self.processor = processor
+
+    def get_processor(self) -> "AttnProcessorBase":
+        return self.processor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.processor(self, x)
+
+
+# -- processors ----------------------------------------------------------------------
+
+
+class AttnProcessorBase:
+    """Runs an `Attention` block; subclasses implement `attend(q, k, v)` on (B, N, C) tensors."""
+
+    def attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if hidden_states.ndim != 4:
+            raise ValueError(f"VAE attention expects (B, C, H, W), got shape {tuple(hidden_states.shape)}")
+        b, c, h, w = hidden_states.shape
+        residual = hidden_states
+        normed = attn.group_norm(hidden_states)
+        tokens = normed.reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+        del normed
+        q = attn.to_q(tokens)
+        k = attn.to_k(tokens)
+        v = attn.to_v(tokens)
+        del tokens
+        out = self.attend(attn, q, k, v).to(q.dtype)  # (B, HW, C)
+        del q, k, v
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        out = out.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
+        if out.requires_grad and torch.is_grad_enabled():
+            return out + residual
+        return out.add_(residual)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    # softmax in fp32 whatever the input dtype (diffusers' upcast_softmax=True for VAEs)
+    scores = torch.baddbmm(
+        torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype, device=q.device),
+        q,
+        k.transpose(-1, -2),
+        beta=0,
+        alpha=scale,
+    )  # (B, Nq, Nk)
+    probs = scores.float().softmax(dim=-1).to(q.dtype)
+    del scores
+    return torch.bmm(probs, v)
+
+
+class AttnProcessor(AttnProcessorBase):
+    """The reference: explicit score matrix, softmax, matmul. Memory grows as (H*W)^2."""
+
+    def attend(self, attn, q, k, v):
+        return _math_attention(q, k, v, attn.scale)
+
+
+class AttnProcessor2_0(AttnProcessorBase):
+    """torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kernels)."""
+
+    def attend(self, attn, q, k, v):
+        b, n, c = q.shape
+        # (B, heads=1, N, C), the layout diffusers passes, so kernel choice and rounding match
+        out = F.scaled_dot_product_attention(q.view(b, n, 1, c).transpose(1, 2), k.view(b, -1, 1, c).transpose(1, 2),
+                                             v.view(b, -1, 1, c).transpose(1, 2), dropout_p=0.0, is_causal=False)
+        return out.transpose(1, 2).reshape(b, n, c)
+
+
+class SlicedAttnProcessor(AttnProcessorBase):
+    """Math attention over `slice_size` query positions at a time: peak score memory is
+    slice_size * H*W instead of (H*W)^2. (diffusers slices over heads; the VAE has one.)"""
+
+    def __init__(self, slice_size: int = 1024):
+        if int(slice_size) < 1:
+            raise ValueError(f"slice_size must be a positive number of query positions, got {slice_size}")
+        self.slice_size = int(slice_size)
+
+    def attend(self, attn, q, k, v):
+        out = torch.empty_like(q)
+        for start in range(0, q.shape[1], self.slice_size):
+            stop = start + self.slice_size
+            out[:, start:stop] = _math_attention(q[:, start:stop], k, v, attn.scale)
+        return out
+
+    def __repr__(self) -> str:
+        return f"SlicedAttnProcessor(slice_size={self.slice_size})"
+
+
+class XFormersAttnProcessor(AttnProcessorBase):
+    """xformers' memory_efficient_attention; only available when xformers imports."""
+
+    def __init__(self, attention_op: Optional[Callable] = None):
+        try:
+            import xformers.ops  # noqa: F401  (optional, heavy)
+        except ImportError as err:
+            raise ImportError(
+                "XFormersAttnProcessor needs the xformers package, which is not importable here "
+                f"({err}). Install xformers for your torch build, or use 'sdpa' (the default)."
+            ) from err
+        self.attention_op = attention_op
+
+    def attend(self, attn, q, k, v):
+        import xformers.ops
+
+        return xformers.ops.memory_efficient_attention(q, k, v, op=self.attention_op, scale=attn.scale)
+
+
+# -- registry ----------------------------------------------------------------------
+
+# name -> factory(**kwargs) -> processor
+_REGISTRY: Dict[str, Callable[..., AttnProcessorBase]] = {}
+
+
+def register_attn_processor(name: str, factory: Callable[..., AttnProcessorBase], *, overwrite: bool = False) -> None:
+    """Make `factory` available as `set_attn_processor(name)` and in the node's combo."""
+    key = name.lower()
+    if key in _REGISTRY and not overwrite:
+        raise ValueError(f"attention processor {name!r} is already registered; pass overwrite=True to replace it")
+    _REGISTRY[key] = factory
+
+
+def available_attn_processors() -> list[str]:
+    """Registered names whose backend can run here (xformers only when it imports)."""
+    names = []
+    for name in _REGISTRY:
+        if name == "xformers":
+            try:
+                import xformers.ops  # noqa: F401
+            except ImportError:
+                continue
+        names.append(name)
+    return names
+
+
+def make_attn_processor(name: str, **kwargs) -> AttnProcessorBase:
+    try:
+        factory = _REGISTRY[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown attention processor {name!r}; registered: {sorted(_REGISTRY)}") from None
+    return factory(**kwargs)
+
+
+def default_processor() -> AttnProcessorBase:
+    """SDPA, as diffusers defaults to on torch >= 2.0."""
+    return AttnProcessor2_0()
+
+
+register_attn_processor("math", lambda **kw: AttnProcessor())
+register_attn_processor("sdpa", lambda **kw: AttnProcessor2_0())
+register_attn_processor("sliced", lambda slice_size=1024, **kw: SlicedAttnProcessor(slice_size))
+register_attn_processor("xformers", lambda **kw: XFormersAttnProcessor())

@@ -1,0 +1,159 @@
+"""Convolutional building blocks of the KL-VAE: resnet, down/up-sampling and the level blocks.
+
+Module and parameter names follow diffusers so that state dicts load with strict=True.
+Attention lives in `attention.py`; the encoder/decoder wiring in `model.py`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+
+# GroupNorm epsilon used by every SD-family VAE (diffusers' resnet_eps, LDM's Normalize).
+NORM_EPS = 1e-6
+
+
+def _silu(h: torch.Tensor) -> torch.Tensor:
+    # In place whenever autograd does not need the input: saves one activation-sized buffer.
+    if h.requires_grad and torch.is_grad_enabled():
+        return F.silu(h)
+    return F.silu(h, inplace=True)
+
+
+def _mish(h: torch.Tensor) -> torch.Tensor:
+    if h.requires_grad and torch.is_grad_enabled():
+        return F.mish(h)
+    return F.mish(h, inplace=True)
+
+
+def _relu(h: torch.Tensor) -> torch.Tensor:
+    if h.requires_grad and torch.is_grad_enabled():
+        return F.relu(h)
+    return F.relu(h, inplace=True)
+
+
+# Name -> activation, the names diffusers' get_activation accepts for VAEs.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": _silu,
+    "swish": _silu,
+    "mish": _mish,
+    "gelu": F.gelu,
+    "relu": _relu,
+}
+
+
+def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        return ACTIVATIONS[name.lower()]
+    except KeyError:
+        raise ValueError(f"act_fn {name!r} is not supported; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=NORM_EPS, affine=True)
+
+
+class ResnetBlock2D(nn.Module):
+    """norm -> act -> conv3x3 -> norm -> act -> conv3x3, plus a (1x1-projected) skip."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, act_fn: str = "silu"):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = group_norm(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.act = get_activation(act_fn)
+        # LDM calls this nin_shortcut; diffusers conv_shortcut.
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.act(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        if h.requires_grad and torch.is_grad_enabled():
+            return x + h
+        return h.add_(x)  # same sum as x + h (addition commutes exactly), one buffer fewer
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv after padding one zero row/column at the bottom/right (LDM's asymmetric pad)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownEncoderBlock2D(nn.Module):
+    """One encoder level: `num_layers` resnets, then an optional downsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str, add_downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn) for i in range(num_layers)
+        )
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.downsamplers is not None:
+            for down in self.downsamplers:
+                x = down(x)
+        return x
+
+
+class UpDecoderBlock2D(nn.Module):
+    """One decoder level: `num_layers` resnets, then an optional upsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str, add_upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn) for i in range(num_layers)
+        )
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.upsamplers is not None:
+            for up in self.upsamplers:
+                x = up(x)
+        return x
+
+
+class UNetMidBlock2D(nn.Module):
+    """resnet -> (attention) -> resnet at the lowest resolution."""
+
+    def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups, act_fn) for _ in range(2)])
+        # diffusers keeps a None placeholder so the module path stays attentions.0.
+        self.attentions = nn.ModuleList([Attention(channels, groups) if add_attention else None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        attn: Optional[Attention] = self.attentions[0]
+        if attn is not None:
+            x = attn(x)
+        return self.resnets[1](x)
