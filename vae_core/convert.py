@@ -1,0 +1,283 @@
+"""State-dict layouts: LDM/CompVis <-> diffusers key conversion (table-driven) and config inference from shapes.
+
+Pure functions on dicts of tensors; reading and writing files is `loading.py`'s job.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .config import AutoencoderKLConfig
+
+logger = logging.getLogger(__name__)
+
+StateDict = Dict[str, torch.Tensor]
+
+# -- key tables --------------------------------------------------------------------------
+# Each row: (LDM regex, diffusers template). `{n}` in the template is filled from the regex
+# group; decoder up-block indices are reversed separately (LDM counts from the top level).
+
+_RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+_ATTN_PARTS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_TOP_PARTS = {"conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out"}
+# Very old diffusers checkpoints named the attention projections differently.
+_OLD_DIFFUSERS_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+_LDM_ROWS = [
+    (re.compile(r"^(encoder|decoder)\.(conv_in|norm_out|conv_out)\.(weight|bias)$"), "top"),
+    (re.compile(r"^encoder\.down\.(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)$"), "enc_resnet"),
+    (re.compile(r"^encoder\.down\.(\d+)\.downsample\.conv\.(weight|bias)$"), "enc_down"),
+    (re.compile(r"^decoder\.up\.(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)$"), "dec_resnet"),
+    (re.compile(r"^decoder\.up\.(\d+)\.upsample\.conv\.(weight|bias)$"), "dec_up"),
+    (re.compile(r"^(encoder|decoder)\.mid\.block_([12])\.(\w+)\.(weight|bias)$"), "mid_resnet"),
+    (re.compile(r"^(encoder|decoder)\.mid\.attn_1\.(\w+)\.(weight|bias)$"), "mid_attn"),
+    (re.compile(r"^(quant_conv|post_quant_conv)\.(weight|bias)$"), "quant"),
+]
+
+_DIFFUSERS_ROWS = [
+    (re.compile(r"^(encoder|decoder)\.(conv_in|conv_norm_out|conv_out)\.(weight|bias)$"), "top"),
+    (re.compile(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(weight|bias)$"), "enc_resnet"),
+    (re.compile(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)$"), "enc_down"),
+    (re.compile(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(weight|bias)$"), "dec_resnet"),
+    (re.compile(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)$"), "dec_up"),
+    (re.compile(r"^(encoder|decoder)\.mid_block\.resnets\.([01])\.(\w+)\.(weight|bias)$"), "mid_resnet"),
+    (re.compile(r"^(encoder|decoder)\.mid_block\.attentions\.0\.([\w.]+)\.(weight|bias)$"), "mid_attn"),
+    (re.compile(r"^(quant_conv|post_quant_conv)\.(weight|bias)$"), "quant"),
+]
+
+_INV_RESNET = {v: k for k, v in _RESNET_PARTS.items()}
+_INV_ATTN = {v: k for k, v in _ATTN_PARTS.items()}
+_INV_TOP = {v: k for k, v in _TOP_PARTS.items()}
+
+# Prefixes under which full checkpoints store the VAE.
+CHECKPOINT_PREFIXES = ("first_stage_model.", "vae.", "model.first_stage_model.")
+
+
+def _num_up_levels(keys, pattern: str) -> int:
+    levels = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(levels) + 1 if levels else 0
+
+
+def is_ldm_layout(sd: StateDict) -> bool:
+    return any(k.startswith(("encoder.down.", "decoder.up.", "encoder.mid.", "decoder.mid.")) for k in sd)
+
+
+def is_diffusers_layout(sd: StateDict) -> bool:
+    return any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.")) for k in sd)
+
+
+def ldm_to_diffusers(sd: StateDict) -> StateDict:
+    """Rename LDM keys to diffusers keys; 1x1-conv attention weights become linear weights.
+
+    Raises ValueError naming the first keys it does not recognise.
+    """
+    levels = _num_up_levels(sd, r"^decoder\.up\.(\d+)\.")
+    out: StateDict = {}
+    unknown: List[str] = []
+    for key, value in sd.items():
+        new = None
+        for pattern, kind in _LDM_ROWS:
+            m = pattern.match(key)
+            if not m:
+                continue
+            g = m.groups()
+            if kind == "top" and g[1] in _TOP_PARTS:
+                new = f"{g[0]}.{_TOP_PARTS[g[1]]}.{g[2]}"
+            elif kind == "enc_resnet" and g[2] in _RESNET_PARTS:
+                new = f"encoder.down_blocks.{g[0]}.resnets.{g[1]}.{_RESNET_PARTS[g[2]]}.{g[3]}"
+            elif kind == "enc_down":
+                new = f"encoder.down_blocks.{g[0]}.downsamplers.0.conv.{g[1]}"
+            elif kind == "dec_resnet" and g[2] in _RESNET_PARTS:
+                new = f"decoder.up_blocks.{levels - 1 - int(g[0])}.resnets.{g[1]}.{_RESNET_PARTS[g[2]]}.{g[3]}"
+            elif kind == "dec_up":
+                new = f"decoder.up_blocks.{levels - 1 - int(g[0])}.upsamplers.0.conv.{g[1]}"
+            elif kind == "mid_resnet" and g[2] in _RESNET_PARTS:
+                new = f"{g[0]}.mid_block.resnets.{int(g[1]) - 1}.{_RESNET_PARTS[g[2]]}.{g[3]}"
+            elif kind == "mid_attn" and g[1] in _ATTN_PARTS:
+                new = f"{g[0]}.mid_block.attentions.0.{_ATTN_PARTS[g[1]]}.{g[2]}"
+                if g[2] == "weight" and g[1] != "norm" and value.ndim == 4:
+                    value = value[:, :, 0, 0]  # (C, C, 1, 1) conv -> (C, C) linear
+            elif kind == "quant":
+                new = key
+            break
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise ValueError(f"unrecognised LDM VAE keys: {_first(unknown)}")
+    return out
+
+
+def diffusers_to_ldm(sd: StateDict) -> StateDict:
+    """Rename diffusers keys to LDM keys; attention linear weights become (C, C, 1, 1) convs as LDM stores them."""
+    levels = _num_up_levels(sd, r"^decoder\.up_blocks\.(\d+)\.")
+    out: StateDict = {}
+    unknown: List[str] = []
+    for key, value in upgrade_old_diffusers_keys(sd).items():
+        new = None
+        for pattern, kind in _DIFFUSERS_ROWS:
+            m = pattern.match(key)
+            if not m:
+                continue
+            g = m.groups()
+            if kind == "top" and g[1] in _INV_TOP:
+                new = f"{g[0]}.{_INV_TOP[g[1]]}.{g[2]}"
+            elif kind == "enc_resnet" and g[2] in _INV_RESNET:
+                new = f"encoder.down.{g[0]}.block.{g[1]}.{_INV_RESNET[g[2]]}.{g[3]}"
+            elif kind == "enc_down":
+                new = f"encoder.down.{g[0]}.downsample.conv.{g[1]}"
+            elif kind == "dec_resnet" and g[2] in _INV_RESNET:
+                new = f"decoder.up.{levels - 1 - int(g[0])}.block.{g[1]}.{_INV_RESNET[g[2]]}.{g[3]}"
+            elif kind == "dec_up":
+                new = f"decoder.up.{levels - 1 - int(g[0])}.upsample.conv.{g[1]}"
+            elif kind == "mid_resnet" and g[2] in _INV_RESNET:
+                new = f"{g[0]}.mid.block_{int(g[1]) + 1}.{_INV_RESNET[g[2]]}.{g[3]}"
+            elif kind == "mid_attn" and g[1] in _INV_ATTN:
+                new = f"{g[0]}.mid.attn_1.{_INV_ATTN[g[1]]}.{g[2]}"
+                if g[2] == "weight" and g[1] != "group_norm" and value.ndim == 2:
+                    value = value[:, :, None, None]  # (C, C) linear -> (C, C, 1, 1) conv
+            elif kind == "quant":
+                new = key
+            break
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise ValueError(f"unrecognised diffusers VAE keys: {_first(unknown)}")
+    return out
+
+
+def upgrade_old_diffusers_keys(sd: StateDict) -> StateDict:
+    """Map pre-0.14 diffusers attention names (query/key/value/proj_attn) to today's."""
+    out: StateDict = {}
+    for key, value in sd.items():
+        m = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(query|key|value|proj_attn)\.(weight|bias)$", key)
+        if m:
+            key = f"{m.group(1)}.mid_block.attentions.0.{_OLD_DIFFUSERS_ATTN[m.group(2)]}.{m.group(3)}"
+            if value.ndim == 4:
+                value = value[:, :, 0, 0]
+        out[key] = value
+    return out
+
+
+def _first(keys: List[str], n: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+# -- extracting the VAE from whatever the file holds ---------------------------------------
+
+
+def strip_vae_prefix(sd: StateDict) -> Tuple[StateDict, Optional[str]]:
+    """Return the VAE part of a state dict and the prefix it was under (None for a standalone VAE)."""
+    for prefix in CHECKPOINT_PREFIXES:
+        sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if any(k.startswith(("encoder.", "decoder.")) for k in sub):
+            return sub, prefix
+    return sd, None
+
+
+def to_diffusers_layout(sd: StateDict) -> Tuple[StateDict, str]:
+    """Bring a VAE state dict (LDM or diffusers keys, no prefix) to diffusers keys; also says which it was."""
+    if is_ldm_layout(sd):
+        return ldm_to_diffusers(sd), "ldm"
+    if is_diffusers_layout(sd):
+        return upgrade_old_diffusers_keys(sd), "diffusers"
+    raise ValueError(f"no VAE weights found: expected keys like 'encoder.down.0.block.0.conv1.weight' (LDM) or "
+                     f"'encoder.down_blocks.0.resnets.0.conv1.weight' (diffusers); first keys: {_first(sorted(sd))}")
+
+
+# -- config inference -------------------------------------------------------------------------
+
+
+def _shape(sd: StateDict, key: str) -> Tuple[int, ...]:
+    if key not in sd:
+        raise ValueError(f"missing key {key!r}, needed to infer the VAE architecture")
+    return tuple(sd[key].shape)
+
+
+def infer_config(sd: StateDict, **overrides) -> AutoencoderKLConfig:
+    """Read the architecture off a diffusers-layout state dict's tensor shapes.
+
+    norm_num_groups and act_fn leave no trace in shapes: groups is 32 when every width allows it
+    (all published SD-family VAEs), otherwise the largest divisor of all widths up to 32; act_fn is silu.
+    """
+    levels = _num_up_levels(sd, r"^encoder\.down_blocks\.(\d+)\.")
+    if levels == 0:
+        raise ValueError("no encoder.down_blocks.* keys: cannot infer the number of levels")
+    widths = tuple(_shape(sd, f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(levels))
+    layers = len({m.group(1) for k in sd if (m := re.match(r"^encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))})
+    in_ch = _shape(sd, "encoder.conv_in.weight")[1]
+    out_ch = _shape(sd, "decoder.conv_out.weight")[0]
+    latent = _shape(sd, "decoder.conv_in.weight")[1]
+    enc_out = _shape(sd, "encoder.conv_out.weight")[0]
+    if enc_out != 2 * latent:
+        raise ValueError(
+            f"encoder.conv_out has {enc_out} output channels but the decoder takes {latent}: a KL-VAE's "
+            f"encoder outputs mean and log-variance, 2 x {latent} = {2 * latent}"
+        )
+    g = 0
+    for w in widths:
+        g = math.gcd(g, w)
+    groups = 32 if g % 32 == 0 else max(d for d in range(1, 33) if g % d == 0)
+    data = dict(
+        in_channels=in_ch,
+        out_channels=out_ch,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=widths,
+        layers_per_block=layers,
+        latent_channels=latent,
+        norm_num_groups=groups,
+        use_quant_conv="quant_conv.weight" in sd,
+        use_post_quant_conv="post_quant_conv.weight" in sd,
+        mid_block_add_attention="encoder.mid_block.attentions.0.to_q.weight" in sd,
+    )
+    data.update(overrides)
+    return AutoencoderKLConfig(**data)
+
+
+# -- family recognition -------------------------------------------------------------------------
+
+
+def detect_family(cfg: AutoencoderKLConfig, full_checkpoint: Optional[StateDict] = None,
+                  metadata: Optional[Dict[str, str]] = None) -> Tuple[Optional[str], str]:
+    """Guess the model family; returns (family or None, how it was decided).
+
+    Order: our own metadata ("vae_core.family"), modelspec metadata, the other weights of a full
+    checkpoint (UNet/MMDiT/FLUX key names), then shapes alone. Shapes cannot tell SD1 from SDXL
+    or SD3 from FLUX: then the older family of the pair is assumed and the reason says so.
+    """
+    meta = metadata or {}
+    if meta.get("vae_core.family"):
+        return meta["vae_core.family"], "file metadata (vae_core.family)"
+    arch = (meta.get("modelspec.architecture") or "").lower()
+    if arch:
+        for needle, fam in (("flux", "flux"), ("stable-diffusion-3", "sd3"), ("-xl", "sdxl"), ("sdxl", "sdxl"),
+                            ("stable-diffusion-v1", "sd1"), ("stable-diffusion-v2", "sd1")):
+            if needle in arch:
+                return fam, f"file metadata (modelspec.architecture={arch!r})"
+    shape_ok = (tuple(cfg.block_out_channels) == (128, 256, 512, 512) and cfg.in_channels == 3)
+    if full_checkpoint is not None:
+        keys = full_checkpoint.keys()
+        if any(".double_blocks." in k for k in keys):
+            return "flux", "FLUX transformer weights in the same checkpoint"
+        if any(".joint_blocks." in k for k in keys):
+            return "sd3", "SD3 MMDiT weights in the same checkpoint"
+        if any(k.startswith("conditioner.embedders.1.") or ".label_emb." in k for k in keys):
+            return "sdxl", "SDXL UNet/conditioner weights in the same checkpoint"
+        if any(k.startswith("model.diffusion_model.") for k in keys) and cfg.latent_channels == 4:
+            return "sd1", "SD1.x/2.x UNet weights in the same checkpoint"
+    if not shape_ok:
+        return None, "shapes match no published family"
+    if cfg.latent_channels == 16 and not cfg.use_quant_conv:
+        return "flux", "16 latent channels without quant convs: SD3 and FLUX.1 share this shape; assumed FLUX.1 (pass family='sd3' otherwise)"
+    if cfg.latent_channels == 4 and cfg.use_quant_conv:
+        return "sd1", "4 latent channels with quant convs: SD1.x/2.x and SDXL share this shape; assumed SD1.x (pass family='sdxl' otherwise)"
+    return None, "shapes match no published family"
