@@ -1,0 +1,633 @@
+"""Exact tiled encode/decode: tiles with halos, GroupNorm statistics pooled over the whole image.
+
+The result equals the untiled model up to fp32 rounding (not a blend of tiles). It is not a
+blender: `tiling.py` holds diffusers' cross-fade tiling.
+
+How it works
+------------
+The encoder or decoder is written out as a small graph of *nodes* (convs, norm+activation,
+resnet adds, down/up-sampling, the mid-block attention). Every node can compute any
+rectangular *region* of its output from regions of its inputs, zero-padded exactly where the
+untiled layer would zero-pad, so a tile is computed with just the halo its convolutions need.
+
+A GroupNorm needs the mean and variance of its whole input, so the graph is run as a sequence
+of *passes*, one per GroupNorm in network order. Pass k evaluates the norm's input tile by tile
+and merges per-tile (count, mean, M2) per (batch, group) with Chan et al.'s parallel update in
+float64; the resulting biased variance is what torch's GroupNorm uses (eps=1e-6). Later passes
+reuse those statistics. A pass may also *store* its tensor, in horizontal bands, to become a
+checkpoint that later passes start from; everything between checkpoints is recomputed per tile.
+Which tensors are stored is a memory/time trade (see `_ExactRun.store_fraction`): resnet outputs
+are stored, while conv1 outputs and 2x-upsampled tensors that are large compared with the
+biggest resnet output are recomputed. Bands of a checkpoint are freed as soon as no remaining
+tile can reach them, so e.g. the 1024^2 input of the top decoder level is released while the
+2048^2 output fills.
+
+Nearest-2x upsampling followed by a 3x3 conv is computed as four 2x2 convs on the low-resolution
+tensor (one per output phase, "sub-pixel" form): the same sums in another order (fp32-rounding
+differences only) at 16/36 of the multiply-adds, which pays for recomputing it.
+
+The mid-block attention runs once over the whole latent with the model's own processor; a
+plain-matmul processor is swapped for query slicing when its score matrix would be large.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .attention import Attention, AttnProcessor, AttnProcessorBase, SlicedAttnProcessor
+from .layers import ResnetBlock2D
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Optional[Callable[[int, int], None]]
+
+# (row0, row1, col0, col1), half-open, in the coordinates of one node's output
+Region = Tuple[int, int, int, int]
+
+# A plain-matmul attention whose (B, N, N) fp32 score matrix would exceed this many bytes is
+# replaced by query slicing in tiled runs (2048^2 SD decode: N = 65536, scores = 16 GiB).
+MATH_ATTENTION_MAX_SCORE_BYTES = 256 * 2**20
+
+
+# -- regions ----------------------------------------------------------------------------
+
+
+def _grow(r: Region, n: int) -> Region:
+    return (r[0] - n, r[1] + n, r[2] - n, r[3] + n)
+
+
+def _clip(r: Region, size: Tuple[int, int]) -> Region:
+    return (max(r[0], 0), min(r[1], size[0]), max(r[2], 0), min(r[3], size[1]))
+
+
+def _contains(outer: Region, inner: Region) -> bool:
+    return outer[0] <= inner[0] and inner[1] <= outer[1] and outer[2] <= inner[2] and inner[3] <= outer[3]
+
+
+def _crop(t: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
+    return t[:, :, want[0] - have[0] : want[1] - have[0], want[2] - have[2] : want[3] - have[2]]
+
+
+def _zero_pad(t: torch.Tensor, want: Region, have: Region) -> torch.Tensor:
+    """`t` holds region `have` (clipped to the image); pad zeros out to `want` (the conv's padding)."""
+    pads = (have[2] - want[2], want[3] - have[3], have[0] - want[0], want[1] - have[1])  # (left, right, top, bottom)
+    if any(p < 0 for p in pads):
+        raise AssertionError(f"region {have} is not inside {want}")
+    if not any(pads):
+        return t
+    return F.pad(t, pads)
+
+
+# -- nodes ------------------------------------------------------------------------------
+
+
+class Node:
+    """One tensor of the network as a function of regions: `compute(inputs, r)` returns its
+    output on region `r` from input tensors on the (zero-padded) regions `need(i, r)`."""
+
+    name: str = "node"
+
+    def __init__(self, inputs: Sequence["Node"], size: Tuple[int, int], channels: int, scale: float):
+        self.inputs = list(inputs)
+        self.size = size  # (H, W) of this node's output
+        self.channels = channels
+        self.scale = scale  # image pixels per pixel of this node (tile sizes are given in image pixels)
+        self.store: Optional["BandedStore"] = None  # set once this node is a checkpoint
+        self.shared = False  # read by more than one consumer: memoise within a tile
+        self._memo: Optional[Tuple[Region, torch.Tensor]] = None
+
+    def need(self, i: int, r: Region) -> Region:
+        return r  # pointwise by default
+
+    def compute(self, ins: List[torch.Tensor], r: Region) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{self.name}{self.size}x{self.channels}"
+
+
+class InputNode(Node):
+    name = "input"
+
+
+class ConvNode(Node):
+    """Conv2d with stride 1 and 'same' padding (k=1 or 3): needs a (k-1)/2 halo."""
+
+    name = "conv"
+
+    def __init__(self, conv: torch.nn.Conv2d, src: Node):
+        super().__init__([src], src.size, conv.out_channels, src.scale)
+        self.conv = conv
+        self.halo = conv.kernel_size[0] // 2
+
+    def need(self, i, r):
+        return _grow(r, self.halo)
+
+    def compute(self, ins, r):
+        w = self.conv.weight
+        return F.conv2d(ins[0].to(w.dtype), w, self.conv.bias)
+
+
+class DownNode(Node):
+    """Downsample2D: zero row/column appended bottom/right, then a stride-2 3x3 conv."""
+
+    name = "down"
+
+    def __init__(self, conv: torch.nn.Conv2d, src: Node):
+        h, w = src.size
+        super().__init__([src], ((h - 2) // 2 + 1, (w - 2) // 2 + 1), conv.out_channels, src.scale * 2)
+        self.conv = conv
+
+    def need(self, i, r):
+        return (2 * r[0], 2 * r[1] + 1, 2 * r[2], 2 * r[3] + 1)
+
+    def compute(self, ins, r):
+        w = self.conv.weight
+        return F.conv2d(ins[0].to(w.dtype), w, self.conv.bias, stride=2)
+
+
+# Rows of the 3x3 kernel that land on low-res rows (i-1, i) for output phase 0 and (i, i+1) for
+# phase 1 after nearest-2x upsampling.
+_PHASE_FOLD = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+
+
+def subpixel_weights(conv: torch.nn.Conv2d) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Fold a 3x3 conv that follows nearest-2x upsampling into one (4*Cout, Cin, 2, 2) conv on the
+    low-res input; output channels are ordered (row phase, col phase, Cout). Folded in float64."""
+    w = conv.weight.detach().double()  # (Cout, Cin, 3, 3)
+    fold = torch.tensor(_PHASE_FOLD, dtype=torch.float64, device=w.device)  # (phase, 2, 3)
+    k = torch.einsum("apk,oikl,bql->aboipq", fold, w, fold)  # (2, 2, Cout, Cin, 2, 2)
+    k = k.reshape(4 * w.shape[0], w.shape[1], 2, 2).to(conv.weight.dtype)
+    bias = None if conv.bias is None else conv.bias.detach().repeat(4)
+    return k, bias
+
+
+class UpNode(Node):
+    """Upsample2D (nearest 2x, then 3x3 conv) evaluated in sub-pixel form on the low-res input."""
+
+    name = "up"
+
+    def __init__(self, conv: torch.nn.Conv2d, src: Node):
+        h, w = src.size
+        super().__init__([src], (2 * h, 2 * w), conv.out_channels, src.scale / 2)
+        self.conv = conv
+        self.weight, self.bias = subpixel_weights(conv)
+
+    @staticmethod
+    def _low(r: Region) -> Region:
+        return (r[0] // 2, (r[1] + 1) // 2, r[2] // 2, (r[3] + 1) // 2)
+
+    def need(self, i, r):
+        return _grow(self._low(r), 1)
+
+    def compute(self, ins, r):
+        lo = self._low(r)
+        n, m = lo[1] - lo[0], lo[3] - lo[2]
+        y = F.conv2d(ins[0].to(self.weight.dtype), self.weight, self.bias)  # (B, 4C, n+1, m+1)
+        b, c = y.shape[0], self.channels
+        y = y.view(b, 2, 2, c, n + 1, m + 1)
+        out = y.new_empty(b, c, 2 * n, 2 * m)
+        for a in range(2):
+            for bb in range(2):
+                out[:, :, a::2, bb::2] = y[:, a, bb, :, a : a + n, bb : bb + m]
+        del y
+        have = (2 * lo[0], 2 * lo[1], 2 * lo[2], 2 * lo[3])
+        return _crop(out, have, r)
+
+
+class NormActNode(Node):
+    """GroupNorm with statistics pooled over the whole tensor (set by a pass), then the activation."""
+
+    name = "norm"
+
+    def __init__(self, norm: torch.nn.GroupNorm, act: Optional[Callable], src: Node):
+        super().__init__([src], src.size, src.channels, src.scale)
+        self.norm = norm
+        self.act = act
+        self.stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (mean, rstd), (B, G) float64
+
+    def compute(self, ins, r):
+        if self.stats is None:
+            raise AssertionError("GroupNorm statistics used before the pass that computes them")
+        x = ins[0]
+        b, c = x.shape[:2]
+        g = self.norm.num_groups
+        mean, rstd = self.stats
+        gamma = self.norm.weight.double().view(1, g, c // g)
+        beta = self.norm.bias.double().view(1, g, c // g)
+        scale = rstd[:, :, None] * gamma  # (B, G, C/G)
+        shift = beta - mean[:, :, None] * scale
+        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        scale = scale.reshape(b, c, 1, 1).to(acc)
+        shift = shift.reshape(b, c, 1, 1).to(acc)
+        y = torch.addcmul(shift, x.to(acc), scale).to(x.dtype)  # (B, C, h, w)
+        return self.act(y) if self.act is not None else y
+
+
+class AddNode(Node):
+    """The resnet output: main path + (1x1-projected) input."""
+
+    name = "add"
+
+    def __init__(self, main: Node, skip: Node, shortcut: Optional[torch.nn.Conv2d]):
+        super().__init__([main, skip], main.size, main.channels, main.scale)
+        self.shortcut = shortcut
+
+    def compute(self, ins, r):
+        h, x = ins
+        if self.shortcut is not None:
+            x = F.conv2d(x.to(self.shortcut.weight.dtype), self.shortcut.weight, self.shortcut.bias)
+        return h.add_(x)
+
+
+class AttentionNode(Node):
+    """The mid-block attention: global, so it is run once on the whole stored input."""
+
+    name = "attn"
+
+    def __init__(self, attn: Attention, src: Node):
+        super().__init__([src], src.size, src.channels, src.scale)
+        self.attn = attn
+
+    def compute(self, ins, r):
+        raise AssertionError("attention is evaluated whole by the planner, never per tile")
+
+
+# -- graph building -----------------------------------------------------------------------
+
+
+def _resnet(block: ResnetBlock2D, x: Node) -> Node:
+    x.shared = True
+    h = ConvNode(block.conv1, NormActNode(block.norm1, block.act, x))
+    h = ConvNode(block.conv2, NormActNode(block.norm2, block.act, h))
+    return AddNode(h, x, block.conv_shortcut)
+
+
+def _encoder_graph(model, x: torch.Tensor) -> Tuple[InputNode, Node]:
+    enc = model.encoder
+    src = InputNode([], tuple(x.shape[-2:]), x.shape[1], 1.0)
+    h: Node = ConvNode(enc.conv_in, src)
+    for block in enc.down_blocks:
+        for resnet in block.resnets:
+            h = _resnet(resnet, h)
+        if block.downsamplers is not None:
+            for down in block.downsamplers:
+                h = DownNode(down.conv, h)
+    h = _mid(enc.mid_block, h)
+    h = ConvNode(enc.conv_out, NormActNode(enc.conv_norm_out, enc.conv_act, h))
+    if model.quant_conv is not None:
+        h = ConvNode(model.quant_conv, h)
+    return src, h
+
+
+def _decoder_graph(model, z: torch.Tensor) -> Tuple[InputNode, Node]:
+    dec = model.decoder
+    f = float(model.config.downscale_factor)
+    src = InputNode([], tuple(z.shape[-2:]), z.shape[1], f)
+    h: Node = src
+    if model.post_quant_conv is not None:
+        h = ConvNode(model.post_quant_conv, h)
+    h = ConvNode(dec.conv_in, h)
+    h = _mid(dec.mid_block, h)
+    for block in dec.up_blocks:
+        for resnet in block.resnets:
+            h = _resnet(resnet, h)
+        if block.upsamplers is not None:
+            for up in block.upsamplers:
+                h = UpNode(up.conv, h)
+    h = ConvNode(dec.conv_out, NormActNode(dec.conv_norm_out, dec.conv_act, h))
+    return src, h
+
+
+def _mid(mid, h: Node) -> Node:
+    h = _resnet(mid.resnets[0], h)
+    if mid.attentions[0] is not None:
+        h = AttentionNode(mid.attentions[0], h)
+    return _resnet(mid.resnets[1], h)
+
+
+def _topological(out: Node) -> List[Node]:
+    order: List[Node] = []
+    seen = set()
+
+    def visit(n: Node) -> None:
+        if id(n) in seen:
+            return
+        seen.add(id(n))
+        for i in n.inputs:
+            visit(i)
+        order.append(n)
+
+    visit(out)
+    return order
+
+
+# -- storage and statistics ---------------------------------------------------------------
+
+
+class BandedStore:
+    """A (B, C, H, W) tensor kept as horizontal bands that are allocated when first written and
+    can be freed one by one, so a checkpoint shrinks while the next one grows."""
+
+    def __init__(self, shape: Tuple[int, int, int, int], bounds: List[int], dtype, device):
+        self.shape = shape
+        self.bounds = bounds  # band i covers rows [bounds[i], bounds[i+1])
+        self.bands: Dict[int, torch.Tensor] = {}
+        self.freed: set = set()
+        self.dtype, self.device = dtype, device
+
+    @classmethod
+    def wrap(cls, t: torch.Tensor) -> "BandedStore":
+        s = cls(tuple(t.shape), [0, t.shape[2]], t.dtype, t.device)
+        s.bands[0] = t
+        return s
+
+    def write(self, band: int, cols: Tuple[int, int], t: torch.Tensor) -> None:
+        buf = self.bands.get(band)
+        if buf is None:
+            b, c, _, w = self.shape
+            self.dtype = t.dtype  # whatever the producing layer computes in
+            buf = torch.empty(b, c, self.bounds[band + 1] - self.bounds[band], w, dtype=t.dtype, device=self.device)
+            self.bands[band] = buf
+        buf[:, :, :, cols[0] : cols[1]] = t
+
+    def read(self, r: Region) -> torch.Tensor:
+        parts = []
+        for i in range(len(self.bounds) - 1):
+            lo, hi = max(r[0], self.bounds[i]), min(r[1], self.bounds[i + 1])
+            if lo >= hi:
+                continue
+            if i in self.freed:
+                raise AssertionError(f"band {i} was freed but rows {lo}..{hi} are still needed")
+            parts.append(self.bands[i][:, :, lo - self.bounds[i] : hi - self.bounds[i], r[2] : r[3]])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    def free_below(self, row: int) -> None:
+        """Release every band that ends at or above `row` (no longer needed)."""
+        for i in range(len(self.bounds) - 1):
+            if self.bounds[i + 1] <= row and i not in self.freed:
+                self.bands.pop(i, None)
+                self.freed.add(i)
+
+    def free(self) -> None:
+        self.free_below(self.shape[2])
+
+    def whole(self) -> torch.Tensor:
+        parts = [self.bands[i] for i in range(len(self.bounds) - 1)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+class GroupStats:
+    """Per-(batch, group) count, mean and M2, merged across tiles with Chan et al. (1979)."""
+
+    def __init__(self, batch: int, groups: int, device):
+        self.groups = groups
+        self.n = 0
+        self.mean = torch.zeros(batch, groups, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(batch, groups, dtype=torch.float64, device=device)
+
+    def add(self, t: torch.Tensor) -> None:
+        b, c = t.shape[:2]
+        x = t.reshape(b, self.groups, -1)  # (B, G, C/G * h * w)
+        nb = x.shape[-1]
+        if nb == 0:
+            return
+        var_b, mean_b = torch.var_mean(x.float(), dim=-1, correction=0)  # fp32 within one tile
+        mean_b, m2_b = mean_b.double(), var_b.double() * nb
+        n = self.n + nb
+        delta = mean_b - self.mean
+        self.mean += delta * (nb / n)
+        self.m2 += m2_b + delta * delta * (self.n * nb / n)
+        self.n = n
+
+    def finish(self, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        var = self.m2 / self.n  # biased, as torch's GroupNorm
+        return self.mean.clone(), torch.rsqrt(var + eps)
+
+
+# -- attention ---------------------------------------------------------------------------
+
+
+def safe_attention_processor(attn: Attention, tokens: int, batch: int) -> AttnProcessorBase:
+    """The module's own processor, unless it is the plain-matmul one and its score matrix would be
+    large: then query slicing with the same maths, sized to MATH_ATTENTION_MAX_SCORE_BYTES."""
+    proc = attn.processor
+    score_bytes = batch * tokens * tokens * 4
+    if type(proc) is AttnProcessor and score_bytes > MATH_ATTENTION_MAX_SCORE_BYTES:
+        slice_size = max(1, MATH_ATTENTION_MAX_SCORE_BYTES // (4 * batch * tokens))
+        logger.info(
+            "attention: the plain-matmul processor would need a %.1f GiB score matrix for %d tokens; "
+            "using SlicedAttnProcessor(slice_size=%d) for this run",
+            score_bytes / 2**30, tokens, slice_size,
+        )
+        return SlicedAttnProcessor(slice_size)
+    return proc
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+class _ExactRun:
+    """Plans and executes the passes over one graph."""
+
+    def __init__(self, inp: InputNode, x: torch.Tensor, out: Node, tile_px: int, store_fraction: float,
+                 callback: ProgressCallback):
+        self.inp, self.out = inp, out
+        self.batch, self.dtype, self.device = x.shape[0], x.dtype, x.device
+        inp.store = BandedStore.wrap(x)
+        self.tile_px = tile_px
+        self.callback = callback
+        self.nodes = _topological(out)
+        self.tiles_done = 0
+        # Store a non-trunk tensor (conv1 output, an upsampled tensor) only when it is at most
+        # this fraction of the largest resnet output; otherwise recompute it from its checkpoint.
+        self.store_limit = store_fraction * max(n.channels * n.size[0] * n.size[1] for n in self.nodes
+                                                if isinstance(n, AddNode))
+        self.passes = self._plan()
+        self.tiles_total = sum(1 if what == "attn" else (len(self._grid(n)[0]) - 1) * (len(self._grid(n)[1]) - 1)
+                               for n, what in self.passes)
+
+    # planning
+    def _plan(self) -> List[Tuple[Node, str]]:
+        """(node, what) in network order; what is 'stats' (for the GroupNorm that reads the node),
+        'store' (keep it as a checkpoint), 'stats+store', or 'attn' (run the attention whole)."""
+        readers: Dict[int, List[Node]] = {}
+        for n in self.nodes:
+            for i in n.inputs:
+                readers.setdefault(id(i), []).append(n)
+        passes: List[Tuple[Node, str]] = []
+        for n in self.nodes:
+            if n is self.inp:
+                continue
+            if isinstance(n, AttentionNode):
+                passes.append((n, "attn"))
+                continue
+            rs = readers.get(id(n), [])
+            stats = any(isinstance(c, NormActNode) for c in rs)
+            # resnet outputs are the trunk: always checkpoints; others only when small
+            store = (n is self.out or isinstance(n, AddNode) or any(isinstance(c, AttentionNode) for c in rs)
+                     or (stats and self._size(n) <= self.store_limit))
+            if stats or store:
+                passes.append((n, "stats+store" if stats and store else ("stats" if stats else "store")))
+        return passes
+
+    @staticmethod
+    def _size(n: Node) -> int:
+        return n.channels * n.size[0] * n.size[1]
+
+    def _grid(self, n: Node) -> Tuple[List[int], List[int]]:
+        step = max(1, int(round(self.tile_px / n.scale)))
+        return list(range(0, n.size[0], step)) + [n.size[0]], list(range(0, n.size[1], step)) + [n.size[1]]
+
+    # evaluation
+    def evaluate(self, n: Node, r: Region) -> torch.Tensor:
+        if n.store is not None:
+            return n.store.read(r)
+        if n._memo is not None and _contains(n._memo[0], r):
+            return _crop(n._memo[1], n._memo[0], r)
+        ins = []
+        for i, src in enumerate(n.inputs):
+            want = n.need(i, r)
+            have = _clip(want, src.size)
+            ins.append(_zero_pad(self.evaluate(src, have), want, have))
+        t = n.compute(ins, r)
+        del ins
+        if n.shared:
+            n._memo = (r, t)
+        return t
+
+    def _reach(self, n: Node, r: Region, acc: Dict[int, Region]) -> None:
+        """Union (as a bounding box) of the region of each stored node that region r of n reads."""
+        if r[0] >= r[1] or r[2] >= r[3]:
+            return
+        if n.store is not None:
+            old = acc.get(id(n))
+            acc[id(n)] = r if old is None else (min(old[0], r[0]), max(old[1], r[1]), min(old[2], r[2]), max(old[3], r[3]))
+            return
+        for i, src in enumerate(n.inputs):
+            self._reach(src, _clip(n.need(i, r), src.size), acc)
+
+    def _live_stores(self, upcoming: List[Node]) -> set:
+        live: set = set()
+        for n in upcoming:
+            acc: Dict[int, Region] = {}
+            self._reach(n, (0, n.size[0], 0, n.size[1]), acc)
+            live.update(acc)
+        return live
+
+    def _clear_memos(self) -> None:
+        for n in self.nodes:
+            n._memo = None
+
+    def run(self) -> torch.Tensor:
+        for k, (node, what) in enumerate(self.passes):
+            if what == "attn":
+                self._run_attention(node)
+                continue
+            later = [n for n, _ in self.passes[k + 1 :]]
+            self._run_pass(node, what, later)
+        result = self.out.store.whole()
+        self.out.store = None
+        return result
+
+    def _run_attention(self, node: AttentionNode) -> None:
+        h = node.inputs[0].store.whole()
+        b, c, hh, ww = h.shape
+        proc = safe_attention_processor(node.attn, hh * ww, b)
+        out = proc(node.attn, h.to(node.attn.to_q.weight.dtype))
+        node.store = BandedStore.wrap(out)
+        for consumer in self.nodes:
+            if isinstance(consumer, NormActNode) and consumer.inputs[0] is node:
+                stats = GroupStats(b, consumer.norm.num_groups, out.device)
+                stats.add(out)
+                consumer.stats = stats.finish(consumer.norm.eps)
+        self._tick()
+        self._free_dead([n for n, _ in self.passes[self.passes.index((node, "attn")) + 1 :]])
+
+    def _free_dead(self, later: List[Node]) -> None:
+        live = self._live_stores(later)
+        for n in self.nodes:
+            if n.store is not None and n is not self.inp and id(n) not in live:
+                n.store = None
+
+    def _run_pass(self, node: Node, what: str, later: List[Node]) -> None:
+        rows, cols = self._grid(node)
+        stats = GroupStats(self.batch, self._norm_of(node).num_groups, self.device) if "stats" in what else None
+        store = None
+        if "store" in what:
+            store = BandedStore((self.batch, node.channels) + tuple(node.size), rows, self.dtype, self.device)
+        # stores that this pass reads for the last time are freed band by band as it advances
+        before = self._live_stores([node])
+        after = self._live_stores(later) if later else set()
+        dying = [n for n in self.nodes if n.store is not None and id(n) in before and id(n) not in after
+                 and n is not self.inp]
+        for bi in range(len(rows) - 1):
+            for ci in range(len(cols) - 1):
+                r = (rows[bi], rows[bi + 1], cols[ci], cols[ci + 1])
+                self._clear_memos()
+                t = self.evaluate(node, r)
+                if stats is not None:
+                    stats.add(t)
+                if store is not None:
+                    store.write(bi, (r[2], r[3]), t)
+                del t
+                self._tick()
+            self._clear_memos()
+            if dying and bi + 2 < len(rows):
+                acc: Dict[int, Region] = {}
+                self._reach(node, (rows[bi + 1], node.size[0], 0, node.size[1]), acc)
+                for d in dying:
+                    if id(d) in acc:
+                        d.store.free_below(acc[id(d)][0])
+        for d in dying:
+            d.store = None
+        if stats is not None:
+            norm = self._norm_of(node)
+            for consumer in self.nodes:
+                if isinstance(consumer, NormActNode) and consumer.inputs[0] is node:
+                    consumer.stats = stats.finish(norm.eps)
+        if store is not None:
+            node.store = store
+
+    def _norm_of(self, node: Node) -> torch.nn.GroupNorm:
+        for n in self.nodes:
+            if isinstance(n, NormActNode) and n.inputs[0] is node:
+                return n.norm
+        raise AssertionError(f"no GroupNorm reads {node}")
+
+    def _tick(self) -> None:
+        self.tiles_done += 1
+        if self.callback is not None:
+            self.callback(self.tiles_done, self.tiles_total)
+
+
+def _check_tile(tile_size: int, store_fraction: float) -> None:
+    if int(tile_size) < 8:
+        raise ValueError(f"exact tiling: tile_size={tile_size} px is too small; use 64 px or more (256-1024 is typical)")
+    if not 0.0 <= float(store_fraction):
+        raise ValueError(f"exact tiling: store_fraction={store_fraction} must be >= 0 (0.25 is the default)")
+
+
+@torch.no_grad()
+def exact_tiled_encode(model, x: torch.Tensor, tile_size: int = 512, callback: ProgressCallback = None,
+                       store_fraction: float = 0.25) -> torch.Tensor:
+    """Pixels (B, C, H, W) in [-1, 1] -> moments (B, 2*latent, H/f, W/f) after quant_conv, equal to the
+    untiled `model._moments(x)` up to fp32 rounding. `tile_size` is in pixels (working set per tile);
+    `store_fraction` (>= 0, default 0.25) trades memory for time, see `_ExactRun`."""
+    _check_tile(tile_size, store_fraction)
+    inp, out = _encoder_graph(model, x)
+    return _ExactRun(inp, x, out, int(tile_size), float(store_fraction), callback).run()
+
+
+@torch.no_grad()
+def exact_tiled_decode(model, z: torch.Tensor, tile_size: int = 512, callback: ProgressCallback = None,
+                       store_fraction: float = 0.25) -> torch.Tensor:
+    """Raw latents (B, latent, h, w) -> pixels (B, out, h*f, w*f) after post_quant_conv and the decoder,
+    equal to the untiled `model._pixels(z)` up to fp32 rounding. `tile_size` is in output pixels."""
+    _check_tile(tile_size, store_fraction)
+    inp, out = _decoder_graph(model, z)
+    return _ExactRun(inp, z, out, int(tile_size), float(store_fraction), callback).run()
