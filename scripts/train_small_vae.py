@@ -1,0 +1,664 @@
+"""Train the small KL-f8 demo VAE that ships in models/vae/, on the CPU, through vae_core.
+
+It writes the weights, a model card, a loss log and plot, and a sample photo; it is a
+demo/test fixture, not a Stable Diffusion VAE (its latents mean nothing to any diffusion model).
+
+    flock /tmp/cpu_heavy.lock .venv/bin/python scripts/train_small_vae.py --out models   # ~22 min, 2 cores
+    .venv/bin/python scripts/train_small_vae.py --smoke                                  # one step, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import importlib.util
+import json
+import math
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import images  # noqa: E402  (scripts/images.py)
+from vae_core import AutoencoderKL  # noqa: E402
+
+NAME = "autoencoderkl-demo-f8"
+
+# -- the model ------------------------------------------------------------------------
+
+# Four levels (f8), four latent channels like SD's kl-f8, shrunk to fit 5 MB in fp32:
+# 1.13 M parameters. Width costs time at the top levels and bytes at the bottom ones, so the
+# bottom stays at 64 (param-bound) and the full-resolution level at 32 (time-bound).
+MODEL_CONFIG = dict(
+    block_out_channels=(32, 48, 64, 64),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1,
+    norm_num_groups=16,
+    latent_channels=4,
+    sample_size=256,  # default tile size in pixels when tiling is enabled
+    scaling_factor=1.0,  # replaced by 1/std of the training latents after training
+    shift_factor=None,
+)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 9000  # optimisation steps; --minutes may stop the run earlier
+    minutes: float = 25.0  # wall-clock cap; the LR schedule follows max(step, time) progress
+    lr: float = 1e-3  # AdamW peak learning rate
+    lr_final: float = 2e-5  # end of the cosine decay
+    warmup: int = 100  # linear warm-up steps
+    weight_decay: float = 1e-4
+    # (crop px, batch) by progress: small crops first (fast), larger ones last so GroupNorm sees
+    # statistics closer to a whole image's; both run ~280 k px/s on 2 cores.
+    phases: tuple = ((0.0, 64, 8), (0.6, 128, 2))
+    edge_weight: float = 0.5  # L1 on horizontal/vertical image differences: keeps edges sharp
+    # beta of the KL term relative to the per-image *summed* L1, as LDM's kl-f8 (kl_weight=1e-6)
+    kl_weight: float = 1e-6
+    log_every: int = 25
+    eval_every: int = 1000
+    eval_max_side: int = 0  # 0 evaluates whole held-out images
+    seed: int = 0
+    threads: int = 2
+
+
+# -- data -----------------------------------------------------------------------------
+
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float (3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.array(arr, dtype=np.float32)).permute(2, 0, 1).div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> uint8 (H, W, 3)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+class CropSampler:
+    """Random crops of the training images at scales 1, 3/4 and 1/2, with flips.
+
+    Colour photos get 65% of the draws (there are five colour and five grey images); a quarter
+    of colour crops have their channels permuted, which adds colours the five photos lack.
+    """
+
+    SCALES = (1.0, 0.75, 0.5)
+
+    def __init__(self, names: List[str], rng: np.random.Generator, max_crop: int):
+        from PIL import Image
+
+        self.rng = rng
+        self.pyramids: List[List[torch.Tensor]] = []
+        self.colour: List[bool] = []
+        for name in names:
+            arr = images.load_rgb(name)
+            h, w = arr.shape[:2]
+            levels = []
+            for s in self.SCALES:
+                sh, sw = round(h * s), round(w * s)
+                if min(sh, sw) < max_crop:
+                    continue
+                small = arr if s == 1.0 else np.asarray(Image.fromarray(arr).resize((sw, sh), Image.LANCZOS))
+                levels.append(to_tensor(small))
+            self.pyramids.append(levels)
+            self.colour.append(not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2])))
+        n_col = sum(self.colour)
+        n_grey = len(self.colour) - n_col
+        w = np.array([0.65 / n_col if c else 0.35 / n_grey for c in self.colour]) if n_col and n_grey else None
+        self.weights = w / w.sum() if w is not None else None
+
+    def batch(self, crop: int, size: int) -> torch.Tensor:
+        out = []
+        for _ in range(size):
+            i = self.rng.choice(len(self.pyramids), p=self.weights)
+            level = self.pyramids[i][self.rng.integers(len(self.pyramids[i]))]
+            _, h, w = level.shape
+            top, left = self.rng.integers(h - crop + 1), self.rng.integers(w - crop + 1)
+            x = level[:, top : top + crop, left : left + crop]
+            if self.rng.random() < 0.5:
+                x = x.flip(2)
+            if not self.colour[i] and self.rng.random() < 0.5:
+                x = x.flip(1)  # grey images are textures and coins: upside down is still natural
+            if self.colour[i] and self.rng.random() < 0.25:
+                x = x[torch.from_numpy(self.rng.permutation(3))]
+            out.append(x)
+        return torch.stack(out).contiguous()  # (B, 3, crop, crop)
+
+
+# -- loss and metrics ---------------------------------------------------------------------
+
+
+def image_differences(x: torch.Tensor):
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+def vae_loss(vae: AutoencoderKL, x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator):
+    """Reparameterised negative ELBO with an L1 likelihood (Kingma & Welling 2014), beta-weighted KL,
+    plus an edge term. Returns (loss, parts) with every part a per-pixel mean."""
+    posterior = vae.encode(x).latent_dist
+    z = posterior.sample(generator)  # mean + std * eps: gradients flow through mean and std
+    y = vae.decode(z).sample
+    l1 = (y - x).abs().mean()
+    (ydx, ydy), (xdx, xdy) = image_differences(y), image_differences(x)
+    edge = 0.5 * ((ydx - xdx).abs().mean() + (ydy - xdy).abs().mean())
+    kl = posterior.kl()  # (B,), summed over latent elements
+    pixels_per_image = x[0].numel()
+    # kl_weight * KL / (C*H*W) == LDM's kl_weight * KL next to an L1 summed over the image
+    kl_term = cfg.kl_weight * kl.mean() / pixels_per_image
+    loss = l1 + cfg.edge_weight * edge + kl_term
+    latent_elems = z[0].numel()
+    return loss, {"l1": l1.item(), "edge": edge.item(), "kl_per_latent": kl.mean().item() / latent_elems}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images, peak 255, over all pixels and channels."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10.0 * np.log10(255.0**2 / mse))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(a, b, channel_axis=2, data_range=255))
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, arr: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3), sides multiples of 8 -> its reconstruction through the posterior mean."""
+    x = to_tensor(arr)[None]
+    z = vae.encode(x).latent_dist.mode()
+    return to_uint8(vae.decode(z).sample[0])
+
+
+def heldout_images(max_side: int = 0) -> Dict[str, np.ndarray]:
+    """Held-out images centre-cropped to multiples of 8 (and to `max_side` if given)."""
+    out = {}
+    for name in images.names("test"):
+        arr = images.load_rgb(name)
+        if max_side:
+            arr = arr[: max_side, : max_side]
+        out[name] = images.center_crop_multiple(arr, 8)
+    return out
+
+
+@torch.no_grad()
+def evaluate(vae: AutoencoderKL, imgs: Dict[str, np.ndarray]) -> Dict[str, Dict[str, float]]:
+    was_training = vae.training
+    vae.eval()
+    res = {}
+    for name, arr in imgs.items():
+        rec = reconstruct(vae, arr)
+        res[name] = {"psnr": psnr(arr, rec), "ssim": ssim(arr, rec), "shape": list(arr.shape[:2])}
+    vae.train(was_training)
+    return res
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: AutoencoderKL, names: List[str], seed: int, max_side: int = 0) -> float:
+    """1 / std of posterior samples over the whole training images (as SD's 0.18215 was found)."""
+    vae.eval()
+    gen = torch.Generator().manual_seed(seed)
+    zs = []
+    for name in names:
+        arr = images.load_rgb(name)
+        if max_side:
+            arr = arr[:max_side, :max_side]
+        arr = images.center_crop_multiple(arr, 8)
+        zs.append(vae.encode(to_tensor(arr)[None]).latent_dist.sample(gen).flatten())
+    return float(1.0 / torch.cat(zs).std().item())
+
+
+# -- files ----------------------------------------------------------------------------
+
+
+def save_checkpoint(vae: AutoencoderKL, path: Path, extra: Optional[dict] = None) -> None:
+    """Intermediate checkpoint: diffusers-named state dict, config JSON in the metadata."""
+    from safetensors.torch import save_file
+
+    meta = {"config": vae.config.to_json()}
+    if extra:
+        meta["train"] = json.dumps(extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path), metadata=meta)
+
+
+def load_checkpoint(path: Path) -> AutoencoderKL:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["config"])
+    vae = AutoencoderKL.from_config(config)
+    vae.load_state_dict(load_file(str(path)), strict=True)
+    return vae
+
+
+def have_loading() -> bool:
+    return importlib.util.find_spec("vae_core.loading") is not None
+
+
+def export_weights(vae: AutoencoderKL, out: Path) -> Path:
+    """Write the shipped weights into out/vae/: one LDM-layout single file when vae_core.loading
+    exists, else (until it lands) a diffusers folder out/vae/<NAME>/."""
+    vae_dir = out / "vae"
+    vae_dir.mkdir(parents=True, exist_ok=True)
+    single, folder = vae_dir / f"{NAME}.safetensors", vae_dir / NAME
+    if have_loading():
+        vae.save_single_file(single)
+        if folder.is_dir():
+            shutil.rmtree(folder)  # an older fallback export of this same model
+        return single
+    from safetensors.torch import save_file
+
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(vae.config.to_json())
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+    return folder
+
+
+def load_exported(path: Path) -> AutoencoderKL:
+    """Load what export_weights wrote, through the core's loaders where they exist."""
+    if path.is_file():
+        return AutoencoderKL.from_single_file(path)
+    if have_loading():
+        return AutoencoderKL.from_pretrained(path)
+    from safetensors.torch import load_file
+
+    vae = AutoencoderKL.from_config(json.loads((path / "config.json").read_text()))
+    vae.load_state_dict(load_file(str(path / "diffusion_pytorch_model.safetensors")), strict=True)
+    return vae
+
+
+def weights_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.iterdir())
+
+
+# -- the loss-curve plot, drawn with PIL (no matplotlib dependency) -------------------------
+
+
+def _panel(draw, box, series, title, ylabel, log_y=False):
+    from PIL import ImageFont
+
+    font = ImageFont.load_default()
+    x0, y0, x1, y1 = box
+    px0, py0, px1, py1 = x0 + 60, y0 + 28, x1 - 12, y1 - 36
+    draw.rectangle([px0, py0, px1, py1], outline=(0, 0, 0))
+    draw.text((px0, y0 + 6), title, fill=(0, 0, 0), font=font)
+    pts = [(x, y) for _, _, xs, ys in series for x, y in zip(xs, ys) if y is not None and (y > 0 or not log_y)]
+    if not pts:
+        return
+    f = (lambda v: math.log10(v)) if log_y else (lambda v: v)
+    xmin, xmax = min(p[0] for p in pts), max(p[0] for p in pts)
+    ymin, ymax = min(f(p[1]) for p in pts), max(f(p[1]) for p in pts)
+    xmax, ymax = (xmax if xmax > xmin else xmin + 1), (ymax if ymax > ymin else ymin + 1e-3)
+    pad = 0.05 * (ymax - ymin)
+    ymin, ymax = ymin - pad, ymax + pad
+
+    def to_px(x, y):
+        return (px0 + (x - xmin) / (xmax - xmin) * (px1 - px0), py1 - (f(y) - ymin) / (ymax - ymin) * (py1 - py0))
+
+    for k in range(5):  # y ticks
+        v = ymin + (ymax - ymin) * k / 4
+        yy = py1 - (py1 - py0) * k / 4
+        draw.line([px0 - 4, yy, px0, yy], fill=(0, 0, 0))
+        draw.text((x0 + 2, yy - 6), f"{10 ** v:.3g}" if log_y else f"{v:.3g}", fill=(0, 0, 0), font=font)
+    for k in range(5):  # x ticks
+        v = xmin + (xmax - xmin) * k / 4
+        xx = px0 + (px1 - px0) * k / 4
+        draw.line([xx, py1, xx, py1 + 4], fill=(0, 0, 0))
+        draw.text((xx - 12, py1 + 6), f"{v:.0f}", fill=(0, 0, 0), font=font)
+    draw.text(((px0 + px1) / 2 - 12, py1 + 20), "step", fill=(0, 0, 0), font=font)
+    draw.text((x0 + 2, y0 + 6 + 12), ylabel, fill=(90, 90, 90), font=font)
+    for li, (label, colour, xs, ys) in enumerate(series):
+        line = [to_px(x, y) for x, y in zip(xs, ys) if y is not None and (y > 0 or not log_y)]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        elif line:
+            draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=colour)
+        lx = px1 - 170
+        ly = py0 + 8 + 14 * li
+        draw.line([lx, ly + 6, lx + 18, ly + 6], fill=colour, width=2)
+        draw.text((lx + 24, ly), label, fill=(0, 0, 0), font=font)
+
+
+def plot_curves(rows: List[dict], path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (1000, 380), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    steps = [r["step"] for r in rows]
+    _panel(draw, (0, 0, 500, 380), [
+        ("train loss (total)", (31, 119, 180), steps, [r["loss_ema"] for r in rows]),
+        ("train L1 [-1,1]", (255, 127, 14), steps, [r["l1_ema"] for r in rows]),
+        ("train edge L1", (44, 160, 44), steps, [r["edge_ema"] for r in rows]),
+    ], "training losses (EMA 0.95 of logged steps), log scale", "", log_y=True)
+    ev = [r for r in rows if r.get("heldout_psnr") not in (None, "")]
+    _panel(draw, (500, 0, 1000, 380), [
+        ("held-out PSNR (dB)", (214, 39, 40), [r["step"] for r in ev], [float(r["heldout_psnr"]) for r in ev]),
+    ], "mean PSNR on held-out chelsea + coffee", "dB")
+    img.save(path)
+
+
+# -- the model card -------------------------------------------------------------------------
+
+
+def write_model_card(out: Path, m: dict) -> None:
+    rows = "\n".join(
+        f"| {im.name} | {im.split} | {im.licence} | {im.source} |" for im in images.IMAGES
+    )
+    heldout = "\n".join(
+        f"| {name} | {r['shape'][0]}x{r['shape'][1]} | {r['psnr']:.2f} | {r['ssim']:.4f} |"
+        for name, r in m["heldout"].items()
+    )
+    cfg = json.dumps(m["config"], indent=2)
+    text = f"""# {NAME}: a small KL-f8 VAE for demos and tests
+
+**Not a Stable Diffusion VAE.** Its latents mean nothing to any diffusion model: use it to
+try the nodes without downloading a 300 MB VAE, and in tests that want real images through a
+trained model. Quality is far below SD's VAEs (about {m['mean_psnr']:.1f} dB PSNR on held-out photos,
+against roughly 25 dB or more for SD's kl-f8).
+
+## Files
+
+| path | what |
+|---|---|
+| `{m['weights_relpath']}` | the weights ({m['weights_bytes'] / 1e6:.2f} MB, {m['storage']}) |
+| `models/MODEL_CARD.md` | this card |
+| `models/metrics.json` | the numbers below, machine-readable (the tests read it) |
+| `models/train_log.csv` | the loss log, one row every {m['log_every']} steps |
+| `models/loss_curve.png` | the loss curve |
+| `models/reconstructions.png` | held-out crops: original (left) and reconstruction (right) |
+| `models/samples/chelsea.png` | a held-out photo for the demo workflow (CC0, see below) |
+
+## Model
+
+AutoencoderKL from `vae_core` (diffusers' architecture and names), {m['params']:,} parameters:
+4 levels (f8), block_out_channels {list(MODEL_CONFIG['block_out_channels'])}, layers_per_block 1,
+norm_num_groups 16, 4 latent channels, single-head attention in both mid blocks.
+`scaling_factor` = {m['scaling_factor']:.5f} (1 / std of posterior samples over the whole training
+images); `shift_factor` = None. It runs in fp32.
+
+```json
+{cfg}
+```
+
+## Training
+
+- Data: the ten training images in the table below; random crops at scales 1, 3/4 and 1/2,
+  horizontal flips (and vertical ones on the grey textures), a channel permutation on a quarter
+  of colour crops. Colour photos get 65% of the draws. Grey images are fed as RGB.
+- Loss: the reparameterised negative ELBO with an L1 likelihood on pixels in [-1, 1]
+  (Kingma & Welling 2014): L1 + {TrainConfig.edge_weight} * L1 of horizontal/vertical image differences
+  + beta * KL(q(z|x) || N(0, I)) with beta = {TrainConfig.kl_weight:g} relative to the per-image summed L1
+  (the weight of LDM's kl-f8 config). No perceptual or adversarial loss.
+- AdamW, lr {TrainConfig.lr:g} (warm-up {TrainConfig.warmup} steps, cosine to {TrainConfig.lr_final:g}),
+  weight decay {TrainConfig.weight_decay:g}, gradient-norm clip 1; crops of 64 px in batches of 8 for the first
+  60% of the run, then 128 px in batches of 2.
+- {m['steps']} steps in {m['wall_s'] / 60:.1f} min on {m['threads']} CPU threads (torch {m['torch']}), seed {m['seed']}.
+- Final training losses (EMA over the last logged steps): total {m['final']['loss_ema']:.4f},
+  L1 {m['final']['l1_ema']:.4f}, edge {m['final']['edge_ema']:.4f}, KL per latent element
+  {m['final']['kl_ema']:.3f} nats.
+- Reproduce: `flock /tmp/cpu_heavy.lock .venv/bin/python scripts/train_small_vae.py --out models --seed {m['seed']}`
+  (step count is fixed; the wall-clock cap `--minutes` stops earlier on a slower machine).
+
+![loss curve](loss_curve.png)
+
+## Held-out reconstructions
+
+Whole images centre-cropped to multiples of 8, encoded to the posterior mean, decoded, clamped,
+rounded to uint8; PSNR over all pixels and channels (peak 255); SSIM from
+`skimage.metrics.structural_similarity(channel_axis=2, data_range=255)`.
+
+| image | size | PSNR (dB) | SSIM |
+|---|---|---|---|
+{heldout}
+| **mean** | | **{m['mean_psnr']:.2f}** | **{m['mean_ssim']:.4f}** |
+
+![reconstructions](reconstructions.png)
+
+## Data and licences
+
+All images come from the scikit-image {m['skimage']} wheel (`skimage.data`); licences and sources
+as its docstrings state them. Only images whose files ship inside the wheel are used.
+
+| image | split | licence | source |
+|---|---|---|---|
+{rows}
+
+## Limits
+
+- Small and briefly trained: blurry fine texture, colour shifts on saturated areas, and it has
+  seen twelve images in all. Do not judge any tiling or loading method by its absolute quality;
+  compare methods against its own untiled output.
+- Not compatible with any Stable Diffusion, SDXL, SD3 or FLUX model: its latent space is its own.
+- For demos and tests only.
+"""
+    (out / "MODEL_CARD.md").write_text(text)
+
+
+def save_reconstructions(vae: AutoencoderKL, imgs: Dict[str, np.ndarray], path: Path, crop: int = 256) -> None:
+    from PIL import Image
+
+    rows = []
+    for arr in imgs.values():
+        h, w = arr.shape[:2]
+        c = min(crop, h, w)
+        top, left = (h - c) // 2, (w - c) // 2
+        a = arr[top : top + c, left : left + c]
+        a = images.center_crop_multiple(a, 8)
+        rows.append(np.concatenate([a, reconstruct(vae, a)], axis=1))
+    width = min(r.shape[1] for r in rows)
+    Image.fromarray(np.concatenate([r[:, :width] for r in rows], axis=0)).save(path, optimize=True)
+
+
+# -- training -------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_at(progress: float, step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def phase_at(progress: float, cfg: TrainConfig):
+    crop, batch = cfg.phases[0][1:]
+    for start, c, b in cfg.phases:
+        if progress >= start:
+            crop, batch = c, b
+    return crop, batch
+
+
+def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
+    seed_everything(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    noise = torch.Generator().manual_seed(cfg.seed + 1)
+    max_crop = max(p[1] for p in cfg.phases)
+    sampler = CropSampler(images.names("train"), rng, max_crop)
+    heldout = heldout_images(cfg.eval_max_side)
+
+    vae = AutoencoderKL(**MODEL_CONFIG)
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fields = ["step", "elapsed_s", "lr", "crop", "batch", "loss", "l1", "edge", "kl_per_latent",
+              "loss_ema", "l1_ema", "edge_ema", "kl_ema", "heldout_psnr"]
+    rows: List[dict] = []
+    ema: Dict[str, float] = {}
+    start = time.monotonic()
+    step = 0
+    with open(log_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        while True:
+            elapsed = time.monotonic() - start
+            progress = max(step / cfg.steps, elapsed / (cfg.minutes * 60))
+            if progress >= 1.0:
+                break
+            crop, batch = phase_at(progress, cfg)
+            lr = lr_at(progress, step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x = sampler.batch(crop, batch)
+            loss, parts = vae_loss(vae, x, cfg, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            step += 1
+            current = {"loss": loss.item(), "l1": parts["l1"], "edge": parts["edge"], "kl": parts["kl_per_latent"]}
+            for k, v in current.items():
+                ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
+            evaluated = step % cfg.eval_every == 0 or step == cfg.steps
+            if step % cfg.log_every == 0 or step == 1 or evaluated:
+                row = {
+                    "step": step, "elapsed_s": round(time.monotonic() - start, 1), "lr": f"{lr:.3g}",
+                    "crop": crop, "batch": batch, "loss": f"{current['loss']:.5f}", "l1": f"{parts['l1']:.5f}",
+                    "edge": f"{parts['edge']:.5f}", "kl_per_latent": f"{parts['kl_per_latent']:.4f}",
+                    "loss_ema": ema["loss"], "l1_ema": ema["l1"], "edge_ema": ema["edge"], "kl_ema": ema["kl"],
+                    "heldout_psnr": "",
+                }
+                if evaluated:
+                    res = evaluate(vae, heldout)
+                    row["heldout_psnr"] = f"{np.mean([r['psnr'] for r in res.values()]):.3f}"
+                    save_checkpoint(vae, work / "checkpoint.safetensors", {"step": step})
+                    print(f"step {step}: held-out PSNR {row['heldout_psnr']} dB, "
+                          f"{row['elapsed_s']:.0f} s", flush=True)
+                for k in ("loss_ema", "l1_ema", "edge_ema", "kl_ema"):
+                    row[k] = f"{row[k]:.5f}"
+                writer.writerow(row)
+                fh.flush()
+                rows.append({**row, **{k: float(row[k]) for k in ("loss_ema", "l1_ema", "edge_ema", "kl_ema")}})
+                if step % (cfg.log_every * 8) == 0 or step == 1:
+                    print(f"step {step} {row['elapsed_s']:.0f}s lr {lr:.2e} crop {crop}x{batch} "
+                          f"loss {row['loss']} l1 {row['l1']} edge {row['edge']} kl {row['kl_per_latent']}",
+                          flush=True)
+    wall = time.monotonic() - start
+    # the last step is always logged, so the final row holds the end-of-run EMAs
+    if not rows or rows[-1]["step"] != step:
+        rows.append({"step": step, "loss_ema": ema["loss"], "l1_ema": ema["l1"], "edge_ema": ema["edge"],
+                     "kl_ema": ema["kl"], "heldout_psnr": ""})
+    return vae, step, wall, rows
+
+
+def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: int, wall: float,
+           rows: List[dict]) -> dict:
+    """Scaling factor, export, evaluation of the exported file, card, plot, sample."""
+    import skimage
+
+    vae.eval()
+    vae.config.scaling_factor = latent_scaling_factor(vae, images.names("train"), cfg.seed, cfg.eval_max_side)
+    save_checkpoint(vae, work / "final.safetensors", {"steps": steps, "wall_s": wall})
+    weights = export_weights(vae, out)
+    shipped = load_exported(weights).eval()  # evaluate what ships, not what is in memory
+    heldout = heldout_images(cfg.eval_max_side)
+    res = evaluate(shipped, heldout)
+    params = sum(p.numel() for p in shipped.parameters())
+    last = rows[-1] if rows else {"loss_ema": float("nan"), "l1_ema": float("nan"), "edge_ema": float("nan"), "kl_ema": float("nan")}
+    metrics = {
+        "name": NAME,
+        "weights_relpath": str(weights.relative_to(out.parent) if out.name == "models" else weights),
+        "weights_bytes": weights_bytes(weights),
+        "storage": "fp32, safetensors",
+        "params": params,
+        "config": {k: v for k, v in json.loads(shipped.config.to_json()).items() if not k.startswith("_")},
+        "scaling_factor": shipped.config.scaling_factor,
+        "steps": steps,
+        "wall_s": round(wall, 1),
+        "threads": cfg.threads,
+        "seed": cfg.seed,
+        "torch": torch.__version__,
+        "skimage": skimage.__version__,
+        "log_every": cfg.log_every,
+        "final": {k: float(last[k]) for k in ("loss_ema", "l1_ema", "edge_ema", "kl_ema")},
+        "heldout": res,
+        "mean_psnr": float(np.mean([r["psnr"] for r in res.values()])),
+        "mean_ssim": float(np.mean([r["ssim"] for r in res.values()])),
+        "eval_max_side": cfg.eval_max_side,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    shutil.copy(work / "train_log.csv", out / "train_log.csv")
+    plot_curves(rows, out / "loss_curve.png")
+    save_reconstructions(shipped, heldout, out / "reconstructions.png")
+    (out / "samples").mkdir(exist_ok=True)
+    from PIL import Image
+
+    Image.fromarray(images.load_rgb("chelsea")).save(out / "samples" / "chelsea.png", optimize=True)
+    (out / "samples" / "LICENSE.md").write_text(
+        "chelsea.png: `skimage.data.chelsea()` from scikit-image "
+        f"{skimage.__version__}. {images.BY_NAME['chelsea'].licence}. Held out from training of "
+        f"{NAME}.\n"
+    )
+    write_model_card(out, metrics)
+    return metrics
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output folder (weights in OUT/vae/, card and plots in OUT); default models/, "
+                         "or a new temporary folder with --smoke")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="checkpoints and the raw log; default outputs/train_small_vae (OUT/work with --smoke)")
+    ap.add_argument("--minutes", type=float, default=TrainConfig.minutes, help="wall-clock cap of the training loop")
+    ap.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimisation steps")
+    ap.add_argument("--seed", type=int, default=TrainConfig.seed)
+    ap.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch CPU threads")
+    ap.add_argument("--smoke", action="store_true", help="one step on 32 px crops, for CI (seconds)")
+    ap.add_argument("--export-from", type=Path, default=None,
+                    help="skip training: re-export a checkpoint written by an earlier run (e.g. after the "
+                         "loaders changed); card/plot use OUT/train_log.csv")
+    args = ap.parse_args(argv)
+
+    cfg = TrainConfig(steps=args.steps, minutes=args.minutes, seed=args.seed, threads=args.threads)
+    if args.smoke:
+        cfg = dataclasses.replace(cfg, steps=1, phases=((0.0, 32, 2),), eval_every=1, eval_max_side=64)
+    out = args.out or (Path(tempfile.mkdtemp(prefix="small-vae-smoke-")) if args.smoke else ROOT / "models")
+    out.mkdir(parents=True, exist_ok=True)
+    work = args.work or (out / "work" if args.smoke else ROOT / "outputs" / "train_small_vae")
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+
+    if args.export_from is not None:
+        vae = load_checkpoint(args.export_from)
+        meta = {}
+        from safetensors import safe_open
+
+        with safe_open(str(args.export_from), framework="pt") as f:
+            meta = json.loads(f.metadata().get("train", "{}"))
+        with open(out / "train_log.csv") as fh:
+            rows = [dict(r) for r in csv.DictReader(fh)]
+        for r in rows:
+            r["step"] = int(r["step"])
+            for k in ("loss_ema", "l1_ema", "edge_ema", "kl_ema"):
+                r[k] = float(r[k])
+        shutil.copy(out / "train_log.csv", work / "train_log.csv")
+        metrics = finish(vae, out, work, cfg, int(meta.get("steps", rows[-1]["step"])), float(meta.get("wall_s", 0)), rows)
+    else:
+        vae, steps, wall, rows = train(cfg, work, work / "train_log.csv")
+        metrics = finish(vae, out, work, cfg, steps, wall, rows)
+    print(json.dumps({k: metrics[k] for k in ("weights_relpath", "weights_bytes", "params", "steps", "wall_s",
+                                               "scaling_factor", "mean_psnr", "mean_ssim")}))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
