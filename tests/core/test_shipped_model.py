@@ -1,0 +1,188 @@
+"""Tests of the small demo VAE shipped in models/vae/: held-out fidelity against its model card,
+blend tiling on a real photo, and the training script's --smoke run.
+
+Not unit tests of the core: those use tiny random configs. `load_shipped_vae()` is the helper
+other tests may import to get this trained model.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "models"
+SHIPPED = MODELS / "vae" / "autoencoderkl-demo-f8.safetensors"
+SCRIPTS = ROOT / "scripts"
+
+sys.path.insert(0, str(ROOT))
+from vae_core import AutoencoderKL  # noqa: E402
+
+# The card's PSNR is computed by the same fp32 CPU forward on the same uint8 inputs; a rerun can
+# differ only through kernel choice (thread count, SIMD path), i.e. fp32 rounding, which moves
+# the uint8 output by at most a code value here and there (~0.01 dB). 0.5 dB is far above that
+# and far below what a broken load (wrong key mapping, lost scaling, wrong norm groups) costs.
+PSNR_MARGIN_DB = 0.5
+# The SSIM margin follows from the same argument (SSIM of near-identical outputs moves < 1e-3).
+SSIM_MARGIN = 0.01
+
+
+@functools.lru_cache(maxsize=1)
+def load_shipped_vae() -> AutoencoderKL:
+    """The shipped demo VAE (fp32, eval mode), loaded through the core's single-file loader.
+
+    Cached: callers must not mutate it (use enable_tiling on a copy.deepcopy if needed)."""
+    if not SHIPPED.is_file():
+        raise FileNotFoundError(f"{SHIPPED} is missing; train it with scripts/train_small_vae.py --out models")
+    return AutoencoderKL.from_single_file(SHIPPED).eval()
+
+
+def card_metrics() -> dict:
+    return json.loads((MODELS / "metrics.json").read_text())
+
+
+def _images():
+    pytest.importorskip("skimage")
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import images  # scripts/images.py
+
+    return images
+
+
+def _to_x(arr: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> (1, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.array(arr, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def _heldout(name: str) -> np.ndarray:
+    images = _images()
+    return images.center_crop_multiple(images.load_rgb(name), 8)
+
+
+# -- the files ------------------------------------------------------------------------------
+
+
+def test_shipped_files_and_config():
+    metrics = card_metrics()
+    assert SHIPPED.stat().st_size <= 5_000_000, "the shipped VAE must stay within 5 MB"
+    # models/vae is registered as a ComfyUI `vae` path: nothing but weights may sit there
+    assert sorted(p.name for p in (MODELS / "vae").iterdir()) == [SHIPPED.name]
+    vae = load_shipped_vae()
+    assert vae.info.get("config_origin") == "metadata"
+    assert vae.config.downscale_factor == 8 and vae.config.latent_channels == 4
+    assert vae.config.shift_factor is None
+    assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"], rel=1e-6)
+    assert vae.dtype == torch.float32
+    assert sum(p.numel() for p in vae.parameters()) == metrics["params"]
+    assert (MODELS / "samples" / "chelsea.png").is_file()
+    assert (MODELS / "MODEL_CARD.md").is_file()
+
+
+# -- fidelity on held-out photos ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["chelsea", "coffee"])
+def test_heldout_reconstruction_matches_card(name):
+    from skimage.metrics import structural_similarity
+
+    card = card_metrics()["heldout"][name]
+    arr = _heldout(name)
+    assert list(arr.shape[:2]) == card["shape"]
+    vae = load_shipped_vae()
+    with torch.no_grad():
+        z = vae.encode(_to_x(arr)).latent_dist.mode()
+        rec = _to_uint8(vae.decode(z).sample)
+    p = _psnr(arr, rec)
+    s = structural_similarity(arr, rec, channel_axis=2, data_range=255)
+    print(f"{name}: PSNR {p:.3f} dB (card {card['psnr']:.3f}), SSIM {s:.4f} (card {card['ssim']:.4f})")
+    assert p >= card["psnr"] - PSNR_MARGIN_DB
+    assert s >= card["ssim"] - SSIM_MARGIN
+
+
+# -- tiling on a real photo -----------------------------------------------------------------
+
+
+def test_blend_tiled_decode_of_a_real_photo_is_close_to_untiled(record_property):
+    """diffusers' blend tiling is an approximation (each tile normalises with its own GroupNorm
+    statistics and seams are cross-faded); on a trained model and a real photo the difference
+    must stay finite and modest. The number is reported, not tuned for."""
+    import copy
+
+    arr = _heldout("chelsea")  # 296 x 448 -> latent 37 x 56
+    vae = copy.deepcopy(load_shipped_vae())
+    with torch.no_grad():
+        z = vae.encode(_to_x(arr)).latent_dist.mode()
+        untiled = vae.decode(z).sample
+        vae.enable_tiling(tile_sample_min_size=128)  # 16-latent tiles, 4-latent overlap
+        calls = []
+        tiled = vae.tiled_decode(z, callback=lambda done, total: calls.append((done, total))).sample
+    assert tiled.shape == untiled.shape
+    assert len(calls) > 1 and calls[-1][0] == calls[-1][1], f"expected several tiles, got {calls}"
+    p = _psnr(_to_uint8(untiled), _to_uint8(tiled))
+    record_property("blend_tiled_vs_untiled_psnr_db", p)
+    record_property("tiles", calls[-1][1])
+    print(f"blend tiled decode vs untiled: {p:.2f} dB over {calls[-1][1]} tiles")
+    assert math.isfinite(p)
+    # Below ~20 dB the seams would be the dominant error, worse than the model itself.
+    assert p > 20.0
+
+
+def test_blend_tiled_encode_of_a_real_photo_is_close_to_untiled(record_property):
+    import copy
+
+    arr = _heldout("coffee")  # 400 x 600
+    vae = copy.deepcopy(load_shipped_vae())
+    with torch.no_grad():
+        z = vae.encode(_to_x(arr)).latent_dist.mode()
+        vae.enable_tiling(tile_sample_min_size=192)
+        calls = []
+        zt = vae.tiled_encode(_to_x(arr), callback=lambda done, total: calls.append((done, total))).latent_dist.mode()
+        vae.disable_tiling()
+        rec, rec_t = vae.decode(z).sample, vae.decode(zt).sample
+    assert len(calls) > 1, f"expected several tiles, got {calls}"
+    p = _psnr(_to_uint8(rec), _to_uint8(rec_t))
+    record_property("blend_tiled_encode_vs_untiled_psnr_db", p)
+    print(f"blend tiled encode vs untiled (after an untiled decode): {p:.2f} dB over {calls[-1][1]} tiles")
+    assert math.isfinite(p)
+    assert p > 20.0
+
+
+# -- the training script --------------------------------------------------------------------
+
+
+def test_train_script_smoke(tmp_path):
+    pytest.importorskip("skimage")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "train_small_vae.py"), "--smoke", "--out", str(tmp_path), "--threads", "1"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    weights = tmp_path / "vae" / "autoencoderkl-demo-f8.safetensors"
+    assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == [weights.name]
+    vae = AutoencoderKL.from_single_file(weights)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 1
+    assert vae.config.block_out_channels == tuple(metrics["config"]["block_out_channels"])
+    assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"], rel=1e-6)
+    for name in ("MODEL_CARD.md", "train_log.csv", "loss_curve.png", "samples/chelsea.png"):
+        assert (tmp_path / name).is_file(), name
+    with torch.no_grad():
+        out = vae.decode(torch.zeros(1, 4, 4, 4)).sample
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
