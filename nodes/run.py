@@ -1,0 +1,348 @@
+"""Running vae_core from the nodes: IMAGE/LATENT conversion, device and dtype, the host's memory
+manager, progress bars, cancel, and a run report for the UI.
+
+No VAE maths here: encode/decode/tiling are vae_core's. When the core's planner
+(`vae_core/planner.py`, run_encode/run_decode) is present, untiled runs go through it.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+
+from ..vae_core import tiling
+from ..vae_core.distribution import DiagonalGaussianDistribution
+from . import grid
+from .vae_object import DTYPE_NAMES, AutoencoderKLVAE
+
+logger = logging.getLogger(__name__)
+
+# Only device out-of-memory errors trigger the tiled fallback (never Cancel or other errors).
+OOM_ERRORS = (getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError,)
+
+# Used when an untiled run runs out of device memory (the host falls back the same way).
+FALLBACK_TILE, FALLBACK_OVERLAP = 512, 64
+
+
+def tiling_methods() -> Tuple[str, ...]:
+    """"blend" always; "exact" when the core has exact tiling."""
+    try:
+        from ..vae_core import exact_tiling  # noqa: F401
+    except ImportError:
+        return grid.METHODS_ALWAYS
+    return grid.METHODS_ALWAYS + ("exact",)
+
+
+def _planner():
+    try:
+        from ..vae_core import planner
+    except ImportError:
+        return None
+    return planner
+
+
+# -- IMAGE / LATENT <-> tensors -------------------------------------------------------------
+
+
+def crop_to_multiple(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """Centre-crop IMAGE (B, H, W, C) so H and W are multiples of `factor`, as the host's VAEEncode does."""
+    h, w = image.shape[1], image.shape[2]
+    nh, nw = h // factor * factor, w // factor * factor
+    if nh == 0 or nw == 0:
+        raise ValueError(f"the image is {w}x{h} pixels; the VAE needs at least {factor}x{factor} "
+                         f"(its downscale factor)")
+    top, left = (h % factor) // 2, (w % factor) // 2
+    return image[:, top:top + nh, left:left + nw, :]
+
+
+def image_to_pixels(image: torch.Tensor, factor: int, channels: int) -> torch.Tensor:
+    """IMAGE (B, H, W, C) in [0, 1] -> x (B, channels, H', W') in [-1, 1], H', W' multiples of factor."""
+    if image.ndim != 4:
+        raise ValueError(f"expected an IMAGE of shape [B, H, W, C], got {list(image.shape)}")
+    if image.shape[-1] < channels:
+        raise ValueError(f"the image has {image.shape[-1]} channels; this VAE needs {channels} (RGB)")
+    image = crop_to_multiple(image[..., :channels], factor)
+    return image.movedim(-1, 1) * 2.0 - 1.0
+
+
+def pixels_to_image(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x (B, C, H, W) in roughly [-1, 1] -> IMAGE (B, H, W, C) float32 in [0, 1] on `device`."""
+    return torch.clamp((x.float() + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1).to(device)
+
+
+# -- progress and cancel --------------------------------------------------------------------
+
+
+def progress_callback(total: int) -> Callable[[int, int], None]:
+    """callback(done, total) for the core's tilers: checks Cancel, then moves the node's progress bar."""
+    pbar = comfy.utils.ProgressBar(max(1, total))
+
+    def callback(done: int, total_now: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(done, max(1, total_now))
+
+    return callback
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+class _Measure:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda" and torch.cuda.is_available()
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.seconds = time.perf_counter() - self.t0
+        self.peak = int(torch.cuda.max_memory_allocated(self.device)) if self.cuda else None
+
+
+def _call_accepting(fn, *args, **kwargs):
+    """Call fn with only the keyword arguments its signature takes."""
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return fn(*args, **kwargs)
+
+
+def _fp32_copy(core):
+    """A float32 copy of the core for a retry; the shared model keeps its dtype."""
+    return copy.deepcopy(core).float()
+
+
+def _chunk_size(vae: AutoencoderKLVAE, per_item: float) -> int:
+    if vae.device.type == "cpu":
+        return 1 << 30
+    free = mm.get_free_memory(vae.device)
+    return max(1, int(free // max(1.0, per_item)))
+
+
+def _report(direction: str, vae: AutoencoderKLVAE, batch: int, h: int, w: int, tile: Optional[Dict[str, Any]],
+            estimated: int) -> Dict[str, Any]:
+    return {
+        "direction": direction,
+        "tiled": tile is not None,
+        "tile_size": tile["tile_size"] if tile else None,
+        "overlap": tile["overlap"] if tile else None,
+        "method": tile["method"] if tile else None,
+        "tiles": None,
+        "fp32_retry": False,
+        "estimated_bytes": int(estimated),
+        "seconds": None,
+        "peak_bytes": None,
+        "device": str(vae.device),
+        "dtype": DTYPE_NAMES.get(vae.vae_dtype, str(vae.vae_dtype)),
+        "batch": int(batch),
+        "image_h": int(h),
+        "image_w": int(w),
+        "planner": False,
+        "reason": None,
+    }
+
+
+def _free_bytes(vae: AutoencoderKLVAE) -> int:
+    """Free memory as the host's memory manager sees it on the VAE's device."""
+    return int(mm.get_free_memory(vae.device))
+
+
+_PLANNER_KEYS = ("tiled", "tile_size", "method", "fp32_retry", "estimated_bytes", "reason")
+
+
+def _merge_planner_report(report: Dict[str, Any], planner_report: Dict[str, Any]) -> None:
+    report.update({k: planner_report[k] for k in _PLANNER_KEYS if k in planner_report})
+    report["planner"] = True
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+# -- encode ----------------------------------------------------------------------------------
+
+
+def _moments(core, x: torch.Tensor, f: int, tile: Optional[Dict[str, Any]], cb) -> torch.Tensor:
+    """Posterior parameters (B, 2C, h, w) for x (B, C, H, W) already on the device, in the core's dtype."""
+    if tile is None:
+        return core.encode(x).latent_dist.parameters
+    t, o = tile["tile_size"], tile["overlap"]
+    if x.shape[-2] <= t and x.shape[-1] <= t:
+        out = core.encode(x).latent_dist.parameters
+        cb(1, 1)
+        return out
+    if tile["method"] == "exact":
+        from ..vae_core.exact_tiling import exact_tiled_encode
+
+        return exact_tiled_encode(core, x, tile_size=t, callback=cb)
+    # diffusers' blend tiling with integer pixels: tiles every t - o pixels, o // f latent rows cross-faded
+    return tiling.blend_tiled(core._moments, x, t, t - o, o // f, (t - o) // f, cb)
+
+
+def encode(vae: AutoencoderKLVAE, image: torch.Tensor, posterior: str = "mode", seed: int = 0,
+           tile: Optional[Dict[str, Any]] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """IMAGE -> raw latents (B, C, H/f, W/f) float32 on the host's intermediate device, and a report."""
+    if posterior not in ("mode", "sample"):
+        raise ValueError(f"posterior={posterior!r}: choose 'mode' (the host's behaviour) or 'sample'")
+    f = vae.downscale_ratio
+    x = image_to_pixels(image, f, vae.input_channels)
+    b, _, h, w = x.shape
+    width = vae.core.config.block_out_channels[0]
+    dsize = mm.dtype_size(vae.vae_dtype)
+    if tile is not None:
+        g = grid.tile_grid(h, w, tile["tile_size"], tile["overlap"], tile["method"], vae.latent_channels, width,
+                           dsize, b, "encode", f)
+        estimated, total = g["estimated_bytes"], g["tiles"]
+    else:
+        estimated, total = grid.estimate_bytes("encode", b, h, w, width, dsize), 1
+    report = _report("encode", vae, b, h, w, tile, estimated)
+    vae.load_to_device(estimated)
+    vae.use_own_attention()
+    core = vae.core
+    with _Measure(vae.device) as meas, torch.no_grad():
+        moments, report = _encode_moments(vae, core, x, f, tile, total, report)
+        if not _finite(moments) and vae.vae_dtype != torch.float32:
+            logger.warning("AutoencoderKL encode: non-finite values in %s; retrying in fp32", report["dtype"])
+            moments, report = _encode_moments(vae, _fp32_copy(core), x, f, tile, total, report)
+            report["fp32_retry"] = True
+        dist = DiagonalGaussianDistribution(moments.to(vae.output_device).float())
+        if posterior == "mode":
+            z = dist.mode()
+        else:
+            z = dist.sample(generator=torch.Generator("cpu").manual_seed(int(seed)))
+    report["seconds"], report["peak_bytes"] = round(meas.seconds, 4), meas.peak
+    return z.contiguous(), report
+
+
+def _encode_moments(vae, core, x, f, tile, total, report):
+    dev, dtype = vae.device, next(core.parameters()).dtype
+    if tile is not None:
+        report["tiles"] = total
+        cb = progress_callback(total)
+        return _moments(core, x.to(dev, dtype), f, tile, cb).to(vae.output_device), report
+    planner = _planner()
+    try:
+        if planner is not None:
+            cb = progress_callback(1)
+            out, prep = _call_accepting(planner.run_encode, core, x.to(dev, dtype), dtype=dtype, callback=cb,
+                                        free_bytes=_free_bytes(vae))
+            _merge_planner_report(report, prep)
+            if out.shape[1] == 2 * vae.latent_channels:
+                return out.to(vae.output_device), report
+            # a planner that returns latents only: the posterior is then deterministic
+            return torch.cat([out, torch.full_like(out, -30.0)], 1).to(vae.output_device), report
+        per_item = report["estimated_bytes"] / max(1, x.shape[0])
+        n = _chunk_size(vae, per_item)
+        chunks = list(x.split(n))
+        cb = progress_callback(len(chunks))
+        outs = []
+        for i, c in enumerate(chunks):
+            outs.append(core.encode(c.to(dev, dtype)).latent_dist.parameters.to(vae.output_device))
+            cb(i + 1, len(chunks))
+        return torch.cat(outs), report
+    except OOM_ERRORS:
+        logger.warning("AutoencoderKL encode ran out of memory; retrying with %d px blend tiles", FALLBACK_TILE)
+    mm.soft_empty_cache()
+    tile = {"tile_size": FALLBACK_TILE, "overlap": FALLBACK_OVERLAP, "method": "blend"}
+    g = grid.tile_grid(x.shape[-2], x.shape[-1], FALLBACK_TILE, FALLBACK_OVERLAP, "blend", vae.latent_channels,
+                       factor=f)
+    report.update(tiled=True, tile_size=FALLBACK_TILE, overlap=FALLBACK_OVERLAP, method="blend", tiles=g["tiles"])
+    cb = progress_callback(g["tiles"])
+    return _moments(core, x.to(dev, dtype), f, tile, cb).to(vae.output_device), report
+
+
+# -- decode ----------------------------------------------------------------------------------
+
+
+def _pixels(core, z: torch.Tensor, f: int, tile: Optional[Dict[str, Any]], cb) -> torch.Tensor:
+    if tile is None:
+        return core.decode(z).sample
+    t, o = tile["tile_size"], tile["overlap"]
+    if z.shape[-2] * f <= t and z.shape[-1] * f <= t:
+        out = core.decode(z).sample
+        cb(1, 1)
+        return out
+    if tile["method"] == "exact":
+        from ..vae_core.exact_tiling import exact_tiled_decode
+
+        return exact_tiled_decode(core, z, tile_size=t, callback=cb)
+    # diffusers' blend tiling with integer pixels: latent tiles of t // f every (t - o) // f, o pixels cross-faded
+    return tiling.blend_tiled(core._pixels, z, t // f, (t - o) // f, o, t - o, cb)
+
+
+def decode(vae: AutoencoderKLVAE, samples: torch.Tensor, tile: Optional[Dict[str, Any]] = None
+           ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """Raw latents (B, C, h, w) -> IMAGE (B, h*f, w*f, 3) float32 in [0, 1] on the intermediate device."""
+    vae.check_latent(samples)
+    f = vae.upscale_ratio
+    b, _, lh, lw = samples.shape
+    h, w = lh * f, lw * f
+    width = vae.core.config.block_out_channels[0]
+    dsize = mm.dtype_size(vae.vae_dtype)
+    if tile is not None:
+        g = grid.tile_grid(h, w, tile["tile_size"], tile["overlap"], tile["method"], vae.latent_channels, width,
+                           dsize, b, "decode", f)
+        estimated, total = g["estimated_bytes"], g["tiles"]
+    else:
+        estimated, total = grid.estimate_bytes("decode", b, h, w, width, dsize), 1
+    report = _report("decode", vae, b, h, w, tile, estimated)
+    vae.load_to_device(estimated)
+    vae.use_own_attention()
+    core = vae.core
+    with _Measure(vae.device) as meas, torch.no_grad():
+        x, report = _decode_pixels(vae, core, samples, f, tile, total, report)
+        if not _finite(x) and vae.vae_dtype != torch.float32:
+            logger.warning("AutoencoderKL decode: non-finite values in %s; retrying in fp32", report["dtype"])
+            x, report = _decode_pixels(vae, _fp32_copy(core), samples, f, tile, total, report)
+            report["fp32_retry"] = True
+        image = pixels_to_image(x, vae.output_device)
+    report["seconds"], report["peak_bytes"] = round(meas.seconds, 4), meas.peak
+    return image, report
+
+
+def _decode_pixels(vae, core, samples, f, tile, total, report):
+    dev, dtype = vae.device, next(core.parameters()).dtype
+    if tile is not None:
+        report["tiles"] = total
+        cb = progress_callback(total)
+        return _pixels(core, samples.to(dev, dtype), f, tile, cb).to(vae.output_device), report
+    planner = _planner()
+    try:
+        if planner is not None:
+            cb = progress_callback(1)
+            out, prep = _call_accepting(planner.run_decode, core, samples.to(dev, dtype), dtype=dtype, callback=cb,
+                                        free_bytes=_free_bytes(vae))
+            _merge_planner_report(report, prep)
+            return out.to(vae.output_device), report
+        per_item = report["estimated_bytes"] / max(1, samples.shape[0])
+        n = _chunk_size(vae, per_item)
+        chunks = list(samples.split(n))
+        cb = progress_callback(len(chunks))
+        outs = []
+        for i, c in enumerate(chunks):
+            outs.append(core.decode(c.to(dev, dtype)).sample.to(vae.output_device))
+            cb(i + 1, len(chunks))
+        return torch.cat(outs), report
+    except OOM_ERRORS:
+        logger.warning("AutoencoderKL decode ran out of memory; retrying with %d px blend tiles", FALLBACK_TILE)
+    mm.soft_empty_cache()
+    tile = {"tile_size": FALLBACK_TILE, "overlap": FALLBACK_OVERLAP, "method": "blend"}
+    g = grid.tile_grid(samples.shape[-2] * f, samples.shape[-1] * f, FALLBACK_TILE, FALLBACK_OVERLAP, "blend",
+                       vae.latent_channels, factor=f)
+    report.update(tiled=True, tile_size=FALLBACK_TILE, overlap=FALLBACK_OVERLAP, method="blend", tiles=g["tiles"])
+    cb = progress_callback(g["tiles"])
+    return _pixels(core, samples.to(dev, dtype), f, tile, cb).to(vae.output_device), report

@@ -1,0 +1,236 @@
+"""Our VAE object: a `comfy.sd.VAE` whose first_stage_model runs vae_core's AutoencoderKL.
+
+It is not a second VAE implementation: the maths is vae_core's; this module only fills in the
+attributes the host's VAE methods and nodes read, so the object flows through the host's VAE
+socket into VAEEncode, VAEDecode, the tiled nodes, VAEEncodeForInpaint and VAESave, and so the
+host's memory manager (ModelPatcher + load_models_gpu) moves and offloads its weights.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import weakref
+from typing import Any, Dict, Optional
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.sd
+
+from ..vae_core import AutoencoderKL
+from ..vae_core import convert, loading
+from ..vae_core.latent_formats import describe_channels
+
+logger = logging.getLogger(__name__)
+
+# The dtypes a KL-VAE works in when the host chooses ("auto"): the host's own list for KL-VAEs.
+WORKING_DTYPES = (torch.bfloat16, torch.float32)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class KLRunner(torch.nn.Module):
+    """What comfy.sd.VAE calls `first_stage_model`: x (B, C, H, W) in [-1, 1] -> raw latents (the
+    posterior mode, as the host encodes) and raw latents -> pixels in roughly [-1, 1]."""
+
+    def __init__(self, core: AutoencoderKL):
+        super().__init__()
+        self.core = core
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.core.encode(x).latent_dist.mode()
+
+    def decode(self, z: torch.Tensor, **_vae_options) -> torch.Tensor:
+        return self.core.decode(z).sample
+
+
+def latent_mismatch_message(got: int, expected: int, what: str = "latent") -> str:
+    return (f"a {got}-channel {what} ({describe_channels(got)}) was given to a {expected}-channel VAE "
+            f"({describe_channels(expected)}); the latent and the VAE come from different model families. "
+            f"Use the VAE that belongs to the model that made this latent.")
+
+
+class AutoencoderKLVAE(comfy.sd.VAE):
+    """A host VAE backed by vae_core.AutoencoderKL.
+
+    Built without calling comfy.sd.VAE.__init__ (which builds the host's own network from a state
+    dict); instead every attribute its methods read is set here. Host methods that are inherited
+    unchanged: decode/encode (batching by free memory, OOM fallback to tiling), decode_tiled/encode_tiled,
+    vae_encode_crop_pixels, spacial_/temporal_compression_*, model_size, throw_exception_if_invalid.
+    """
+
+    def __init__(self, core: AutoencoderKL, name: str = "", dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device] = None, card_extra: Optional[Dict[str, Any]] = None):
+        # no super().__init__(): see the class docstring
+        cfg = core.config
+        f = int(cfg.downscale_factor)
+        self.name = name
+        self.downscale_ratio = f
+        self.upscale_ratio = f
+        self.latent_channels = int(cfg.latent_channels)
+        self.latent_dim = 2
+        self.output_channels = int(cfg.out_channels)
+        self.input_channels = int(cfg.in_channels)
+        self.working_dtypes = list(WORKING_DTYPES)
+        # Our layers are plain torch modules, which the host cannot run partly offloaded
+        # ("lowvram"); a full load on every call keeps host-driven calls safe.
+        self.disable_offload = True
+        self.not_video = False
+        self.size = None
+        self.downscale_index_formula = None
+        self.upscale_index_formula = None
+        self.extra_1d_channel = None
+        self.crop_input = True
+
+        self.device = device if device is not None else mm.vae_device()
+        offload_device = mm.vae_offload_device()
+        self.vae_dtype = dtype if dtype is not None else mm.vae_dtype(self.device, self.working_dtypes)
+        core = core.eval().to(self.vae_dtype)
+        self.core = core
+        self.first_stage_model = KLRunner(core).eval()
+        self.output_device = mm.intermediate_device()
+        self.patcher = comfy.model_patcher.ModelPatcher(self.first_stage_model, load_device=self.device,
+                                                        offload_device=offload_device)
+        # The attention processors this object runs with; applied before every call because
+        # copies made by with_attention() share the modules (and the weights).
+        self.attn_processors = dict(core.attn_processors)
+        self.attn_processor_name = "default"
+        self.card_extra = dict(card_extra or {})
+        self.model_size()
+
+    # -- host hooks ----------------------------------------------------------------------
+
+    def process_input(self, image: torch.Tensor) -> torch.Tensor:
+        """[0, 1] -> [-1, 1]."""
+        return image * 2.0 - 1.0
+
+    def process_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Roughly [-1, 1] -> [0, 1], clamped."""
+        return torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)
+
+    def memory_used_encode(self, shape, dtype) -> float:
+        from .grid import estimate_bytes
+
+        return estimate_bytes("encode", shape[0], shape[-2], shape[-1], self.core.config.block_out_channels[0],
+                              mm.dtype_size(dtype))
+
+    def memory_used_decode(self, shape, dtype) -> float:
+        from .grid import estimate_bytes
+
+        f = self.upscale_ratio
+        return estimate_bytes("decode", shape[0], shape[-2] * f, shape[-1] * f,
+                              self.core.config.block_out_channels[0], mm.dtype_size(dtype))
+
+    def get_sd(self) -> Dict[str, torch.Tensor]:
+        """The weights in the LDM layout the host (and VAESave -> VAELoader) uses."""
+        return convert.diffusers_to_ldm({k: v.detach() for k, v in self.core.state_dict().items()})
+
+    def check_latent(self, samples: torch.Tensor) -> None:
+        if samples.ndim != 4:
+            raise ValueError(f"expected a latent of shape [B, C, H, W], got {list(samples.shape)}; "
+                             "this VAE handles images, not video or audio latents")
+        if samples.shape[1] != self.latent_channels:
+            raise ValueError(latent_mismatch_message(samples.shape[1], self.latent_channels))
+
+    def use_own_attention(self) -> None:
+        """Put this object's attention processors on the (possibly shared) modules."""
+        if self.attn_processors:
+            self.core.set_attn_processor(self.attn_processors)
+
+    def decode(self, samples_in, vae_options={}):  # noqa: B006 - the host's signature
+        self.check_latent(samples_in)
+        self.use_own_attention()
+        return super().decode(samples_in, vae_options)
+
+    def decode_tiled(self, samples, *args, **kwargs):
+        self.check_latent(samples)
+        self.use_own_attention()
+        return super().decode_tiled(samples, *args, **kwargs)
+
+    def encode(self, pixel_samples):
+        self.use_own_attention()
+        return super().encode(pixel_samples[..., : self.input_channels])
+
+    def encode_tiled(self, pixel_samples, *args, **kwargs):
+        self.use_own_attention()
+        return super().encode_tiled(pixel_samples[..., : self.input_channels], *args, **kwargs)
+
+    # -- our additions ---------------------------------------------------------------------
+
+    def load_to_device(self, memory_required: float = 0) -> None:
+        """Bring the weights onto self.device through the host's memory manager (full load)."""
+        mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
+
+    def with_attention(self, name: str, **kwargs) -> "AutoencoderKLVAE":
+        """A new VAE sharing these weights (a clone of the ModelPatcher), running attention with
+        the named processor; this object is unchanged."""
+        proc = self.core._as_processor(name, **kwargs)  # raises ValueError naming the choices
+        new = copy.copy(self)
+        new.patcher = self.patcher.clone()
+        new.attn_processors = {k: proc for k in self.attn_processors}
+        new.attn_processor_name = name + (f" (slice_size={kwargs['slice_size']})" if "slice_size" in kwargs else "")
+        new.card_extra = dict(self.card_extra)
+        return new
+
+    def card(self) -> Dict[str, Any]:
+        """A JSON-able summary for the UI (the web extension reads it from the loader's ui output)."""
+        cfg = self.core.config
+        info = getattr(self.core, "info", None) or {}
+        card = {
+            "name": self.name,
+            "family": info.get("family"),
+            "family_reason": info.get("family_reason"),
+            "latent_channels": int(cfg.latent_channels),
+            "scaling_factor": float(cfg.scaling_factor),
+            "shift_factor": None if cfg.shift_factor is None else float(cfg.shift_factor),
+            "downscale_factor": int(cfg.downscale_factor),
+            "block_out_channels": [int(c) for c in cfg.block_out_channels],
+            "dtype": DTYPE_NAMES.get(self.vae_dtype, str(self.vae_dtype)),
+            "device": str(self.device),
+            "parameters": int(sum(p.numel() for p in self.core.parameters())),
+            "format": info.get("container"),
+            "layout": info.get("layout"),
+            "attention": self.attn_processor_name,
+        }
+        card.update(self.card_extra)
+        return card
+
+
+def build(core: AutoencoderKL, name: str, dtype: str = "auto", card_extra=None) -> AutoencoderKLVAE:
+    """Wrap a freshly loaded core model. dtype: auto|fp32|fp16|bf16 ("auto": the host's choice
+    for its VAE device, fp32 on the CPU)."""
+    if dtype not in ("auto", *DTYPES):
+        raise ValueError(f"dtype={dtype!r} is not one of auto, fp32, fp16, bf16")
+    return AutoencoderKLVAE(core, name=name, dtype=None if dtype == "auto" else DTYPES[dtype], card_extra=card_extra)
+
+
+# Host VAEs (VAELoader, CheckpointLoaderSimple) converted once per object; weak keys so a VAE the
+# host drops is not kept alive by us.
+_FROM_HOST: "weakref.WeakKeyDictionary[Any, AutoencoderKLVAE]" = weakref.WeakKeyDictionary()
+
+
+def as_akl(vae: Any) -> AutoencoderKLVAE:
+    """Our VAE object for any VAE on the socket: ours as is, a host comfy.sd.VAE rebuilt (once)
+    from its weights in its dtype and device."""
+    if isinstance(vae, AutoencoderKLVAE):
+        return vae
+    if vae is None or not hasattr(vae, "get_sd"):
+        raise TypeError(f"expected a VAE (from a VAE or checkpoint loader), got {type(vae).__name__}")
+    cached = _FROM_HOST.get(vae)
+    if cached is not None:
+        return cached
+    if hasattr(vae, "throw_exception_if_invalid"):
+        vae.throw_exception_if_invalid()
+    sd = {k: v.detach().to("cpu") for k, v in vae.get_sd().items()}
+    kind = type(getattr(vae, "first_stage_model", None)).__name__
+    try:
+        core = loading.from_state_dict(AutoencoderKL, sd, source=f"the connected VAE ({kind})")
+    except loading.VAELoadError as err:
+        raise ValueError(f"{err}. The AutoencoderKL nodes only run KL-VAEs (SD1/SDXL/SD3/FLUX style); "
+                         f"for this VAE use the host's VAE Encode/Decode nodes.") from None
+    core.info.setdefault("container", "host VAE")
+    dtype = getattr(vae, "vae_dtype", None)
+    wrapped = AutoencoderKLVAE(core, name=f"host VAE ({kind})", dtype=dtype, device=getattr(vae, "device", None))
+    _FROM_HOST[vae] = wrapped
+    return wrapped
