@@ -1,0 +1,203 @@
+"""Benchmark: exact tiling vs blend, diffusers' tiling and the host's VAEDecodeTiled, against untiled.
+
+Prints, per size and tile: PSNR and max error against the untiled output, peak memory and time
+ratios, and the planner's memory estimate against the measured peak. Not a test: no assertions.
+
+Method: every case runs in its own fresh `python` subprocess (same seed, so the same random SD-size
+weights); peak memory is that process's ru_maxrss (peak RSS, includes the interpreter, torch and
+the 335 MB of weights) and "delta" is the peak minus the RSS just before the timed call.
+Errors are measured on outputs clamped to [-1, 1] (decode) or on raw moments (encode);
+PSNR uses a peak-to-peak of 2.
+
+    flock /tmp/cpu_heavy.lock .venv/bin/python benchmarks/bench_tiling.py --sizes 1024 --tile 256 --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST = os.path.join(ROOT, ".host", "ComfyUI")
+SD_CONFIG = dict(
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, norm_num_groups=32,
+)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _make_input(kind: str, size: int, batch: int):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    if kind == "decode":
+        return torch.randn(batch, 4, size // 8, size // 8, generator=g)
+    # smooth-ish image in [-1, 1]: upsampled noise, so encode sees image-like statistics
+    small = torch.rand(batch, 3, size // 16, size // 16, generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def run_case(args) -> None:
+    """Child process: build the model, run one case, save the output, print one JSON line."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from vae_core import AutoencoderKL
+
+    torch.manual_seed(0)
+    model = AutoencoderKL(**SD_CONFIG).eval()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model.to(dtype)
+    inp = _make_input(args.kind, args.size, args.batch).to(dtype)
+    tile = args.tile
+    fn = None
+    if args.method == "untiled":
+        fn = (lambda: model._pixels(inp)) if args.kind == "decode" else (lambda: model._moments(inp))
+    elif args.method in ("exact", "blend"):
+        model.enable_tiling(method=args.method, tile_sample_min_size=tile)
+        fn = ((lambda: model.tiled_decode(inp).sample) if args.kind == "decode"
+              else (lambda: model.tiled_encode(inp).latent_dist.parameters))
+    elif args.method == "planned":
+        from vae_core import planner
+
+        fn = ((lambda: planner.run_decode(model, inp)[0]) if args.kind == "decode"
+              else (lambda: planner.run_encode(model, inp)[0]))
+    elif args.method == "diffusers":
+        from diffusers import AutoencoderKL as DAutoencoderKL
+
+        dm = DAutoencoderKL(**SD_CONFIG).eval().to(dtype)
+        dm.load_state_dict(model.state_dict())
+        del model
+        dm.enable_tiling()
+        dm.tile_sample_min_size = tile
+        dm.tile_latent_min_size = tile // 8
+        fn = ((lambda: dm.decode(inp).sample) if args.kind == "decode"
+              else (lambda: dm.encode(inp).latent_dist.parameters))
+    elif args.method == "host":
+        # The host's VAEDecodeTiled/VAEEncodeTiled strategy: comfy.utils.tiled_scale called three times
+        # with tiles (t/2, 2t), (2t, t/2), (t, t) and overlap 64 px, averaged (comfy/sd.py decode_tiled_).
+        sys.path.insert(0, HOST)
+        import comfy.utils
+
+        lat, ov = tile // 8, 64 // 8
+        if args.kind == "decode":
+            f = lambda a: model._pixels(a).float()  # noqa: E731
+            fn = lambda: sum(comfy.utils.tiled_scale(inp, f, tx, ty, ov, upscale_amount=8, out_channels=3)  # noqa: E731
+                             for tx, ty in ((lat // 2, lat * 2), (lat * 2, lat // 2), (lat, lat))) / 3.0
+        else:
+            f = lambda a: model._moments(a).float()  # noqa: E731
+            fn = lambda: sum(comfy.utils.tiled_scale(inp, f, tx, ty, 64, upscale_amount=1 / 8, out_channels=8)  # noqa: E731
+                             for tx, ty in ((tile, tile), (tile * 2, tile // 2), (tile // 2, tile * 2))) / 3.0
+    base = _rss_bytes()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    torch.save(out.float().cpu(), args.save)
+    print(json.dumps({"seconds": seconds, "peak": peak, "base": base}))
+
+
+def _spawn(kind, method, size, tile, dtype, batch, workdir) -> dict:
+    save = os.path.join(workdir, f"{kind}_{method}_{size}_{tile}_{dtype}.pt")
+    cmd = [sys.executable, os.path.abspath(__file__), "--run-case", "--kind", kind, "--method", method,
+           "--size", str(size), "--tile", str(tile), "--dtype", dtype, "--batch", str(batch), "--save", save]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc={proc.returncode}"}
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["path"] = save
+    return res
+
+
+def _compare(ref_path, path, kind):
+    import torch
+
+    ref, out = torch.load(ref_path), torch.load(path)
+    if kind == "decode":
+        ref, out = ref.clamp(-1, 1), out.clamp(-1, 1)
+    err = (ref - out).abs()
+    mse = err.double().pow(2).mean().item()
+    psnr = float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+    return psnr, err.max().item()
+
+
+def _gib(b):
+    return b / 2**30
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048], help="square image sizes in px")
+    ap.add_argument("--tile", type=int, nargs="+", default=[256, 512], help="tile sizes in px")
+    ap.add_argument("--kinds", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
+    ap.add_argument("--methods", nargs="+", default=["exact", "blend", "diffusers", "host"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="decode only, first tile size only, skip the host's 3-pass")
+    # internal: one case in this process
+    ap.add_argument("--run-case", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--kind", default="decode", help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="untiled", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, default=512, help=argparse.SUPPRESS)
+    ap.add_argument("--save", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run_case:
+        args.tile = args.tile[0] if isinstance(args.tile, list) else args.tile
+        run_case(args)
+        return
+    if args.quick:
+        args.kinds, args.tile = ["decode"], args.tile[:1]
+        args.methods = [m for m in args.methods if m != "host"]
+
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from vae_core import AutoencoderKLConfig, planner
+
+    cfg = AutoencoderKLConfig(**SD_CONFIG)
+    print(f"# SD-size random-weight VAE {SD_CONFIG['block_out_channels']}, {args.dtype}, batch {args.batch}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("# memory: peak RSS (ru_maxrss) of a fresh subprocess per case; delta = peak - RSS before the call")
+    print("# host = comfy.utils.tiled_scale x3 averaged, as comfy/sd.py decode_tiled_/encode_tiled_ (overlap 64 px)")
+    with tempfile.TemporaryDirectory() as workdir:
+        for kind in args.kinds:
+            for size in args.sizes:
+                ref = _spawn(kind, "untiled", size, 0, args.dtype, args.batch, workdir)
+                if "error" in ref:
+                    print(f"{kind} {size}: untiled failed: {ref['error']}")
+                    continue
+                shape = (args.batch, 4 if kind == "decode" else 3) + ((size // 8,) * 2 if kind == "decode" else (size,) * 2)
+                est = planner.estimate_bytes(kind, shape, {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                           "fp16": torch.float16}[args.dtype], cfg)
+                print(f"\n## {kind} {size}x{size}: untiled {ref['seconds']:.1f} s, peak {_gib(ref['peak']):.2f} GiB, "
+                      f"delta {_gib(ref['peak'] - ref['base']):.2f} GiB; planner estimate {_gib(est):.2f} GiB "
+                      f"(estimate/delta {est / max(1, ref['peak'] - ref['base']):.2f})")
+                print("| method | tile | PSNR dB | max err | peak GiB | peak ratio | delta ratio | time s | time ratio |")
+                print("|---|---|---|---|---|---|---|---|---|")
+                for tile in args.tile:
+                    for method in args.methods:
+                        res = _spawn(kind, method, size, tile, args.dtype, args.batch, workdir)
+                        if "error" in res:
+                            print(f"| {method} | {tile} | failed: {res['error']} |")
+                            continue
+                        psnr, maxerr = _compare(ref["path"], res["path"], kind)
+                        print(f"| {method} | {tile} | {psnr:.1f} | {maxerr:.2e} | {_gib(res['peak']):.2f} | "
+                              f"{res['peak'] / ref['peak']:.2f} | "
+                              f"{(res['peak'] - res['base']) / max(1, ref['peak'] - ref['base']):.2f} | "
+                              f"{res['seconds']:.1f} | {res['seconds'] / ref['seconds']:.2f} |", flush=True)
+                        os.remove(res["path"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Exact tiling equals the untiled model on tiny configs: many tiles, odd sizes, batch 2."""
+import pytest
+import torch
+
+from vae_core import AutoencoderKL
+from vae_core import exact_tiling
+from vae_core.exact_tiling import GroupStats, UpNode, InputNode, exact_tiled_decode, exact_tiled_encode
+from vae_core.layers import Upsample2D
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    model = AutoencoderKL(
+        block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, layers_per_block=1, latent_channels=4,
+    ).eval()
+    # non-trivial GroupNorm affines, so wrong statistics cannot hide behind gamma=1, beta=0
+    for m in model.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            m.weight.data.normal_(1.0, 0.3)
+            m.bias.data.normal_(0.0, 0.3)
+    return model
+
+
+def assert_fp32_close(out, ref):
+    # fp32 (eps 1.2e-7) through ~30 layers, with statistics pooled in another order and the
+    # upsampling conv summed in sub-pixel form: observed errors are ~1e-6 relative to the output
+    # scale; 1e-4 leaves two orders of margin yet catches any tile seam (errors of order 1e-1).
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * max(1.0, scale))
+
+
+class Counter:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, done, total):
+        self.calls.append((done, total))
+
+
+@pytest.mark.parametrize("tile", [16, 24, 40])
+def test_decode_matches_untiled(tile):
+    model = tiny_vae()
+    z = torch.randn(2, 4, 9, 13, generator=torch.Generator().manual_seed(1))  # 72x104 px, odd latent
+    with torch.no_grad():
+        ref = model._pixels(z)
+    cb = Counter()
+    out = exact_tiled_decode(model, z, tile_size=tile, callback=cb)
+    assert out.shape == ref.shape == (2, 3, 72, 104)
+    assert len(cb.calls) > 8, "the decode must actually run many tiles"
+    assert cb.calls[-1][0] == cb.calls[-1][1]
+    assert_fp32_close(out, ref)
+
+
+@pytest.mark.parametrize("hw", [(72, 104), (67, 101)])
+def test_encode_matches_untiled(hw):
+    model = tiny_vae()
+    x = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        ref = model._moments(x)
+    cb = Counter()
+    out = exact_tiled_encode(model, x, tile_size=24, callback=cb)
+    assert out.shape == ref.shape
+    assert len(cb.calls) > 8
+    assert_fp32_close(out, ref)
+
+
+@pytest.mark.parametrize("store_fraction", [0.0, 0.25, 10.0])
+def test_recompute_and_store_policies_agree(store_fraction):
+    # 0: recompute every non-resnet-output tensor from its checkpoint; 10: store them all
+    model = tiny_vae()
+    z = torch.randn(1, 4, 9, 13, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model._pixels(z)
+    assert_fp32_close(exact_tiled_decode(model, z, tile_size=24, store_fraction=store_fraction), ref)
+
+
+def test_model_api_tiles_decode_and_encode(monkeypatch):
+    model = tiny_vae()
+    z = torch.randn(2, 4, 9, 13, generator=torch.Generator().manual_seed(4))
+    x = torch.rand(2, 3, 72, 104, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():
+        ref_dec = model.decode(z).sample
+        ref_enc = model.encode(x).latent_dist.mean
+    counts = {"decode": 0, "encode": 0}
+    real_dec, real_enc = exact_tiling.exact_tiled_decode, exact_tiling.exact_tiled_encode
+
+    def dec(*a, **k):
+        counts["decode"] += 1
+        return real_dec(*a, **k)
+
+    def enc(*a, **k):
+        counts["encode"] += 1
+        return real_enc(*a, **k)
+
+    monkeypatch.setattr(exact_tiling, "exact_tiled_decode", dec)
+    monkeypatch.setattr(exact_tiling, "exact_tiled_encode", enc)
+    model.enable_tiling(method="exact", tile_sample_min_size=32)
+    with torch.no_grad():
+        assert_fp32_close(model.decode(z).sample, ref_dec)
+        assert_fp32_close(model.encode(x).latent_dist.mean, ref_enc)
+    assert counts == {"decode": 1, "encode": 1}
+    cb = Counter()
+    with torch.no_grad():
+        out = model.tiled_decode(z, callback=cb).sample
+    assert len(cb.calls) > 1
+    assert_fp32_close(out, ref_dec)
+    # blend is still there, for parity with diffusers (it is not exact)
+    with torch.no_grad():
+        blend = model.tiled_decode(z, method="blend").sample
+    assert blend.shape == ref_dec.shape
+
+
+def test_callback_can_cancel_within_one_tile():
+    model = tiny_vae()
+    z = torch.randn(1, 4, 9, 13)
+    seen = []
+
+    def cancel(done, total):
+        seen.append(done)
+        if done == 5:
+            raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt):
+        exact_tiled_decode(model, z, tile_size=16, callback=cancel)
+    assert seen == [1, 2, 3, 4, 5]
+
+
+def test_subpixel_upsample_equals_nearest_then_conv():
+    torch.manual_seed(0)
+    up = Upsample2D(6)
+    y = torch.randn(2, 6, 5, 7)
+    node = UpNode(up.conv, InputNode([], (5, 7), 6, 1.0))
+    with torch.no_grad():
+        ref = up(y)
+        out = node.compute([torch.nn.functional.pad(y, (1, 1, 1, 1))], (0, 10, 0, 14))
+        r = (1, 9, 3, 13)  # odd region bounds
+        need = node.need(0, r)  # low-res rows/cols, -1 is the zero padding
+        padded = torch.nn.functional.pad(y, (1, 1, 1, 1))
+        odd = node.compute([padded[:, :, need[0] + 1 : need[1] + 1, need[2] + 1 : need[3] + 1]], r)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(odd, ref[:, :, 1:9, 3:13], rtol=0, atol=1e-5)
+
+
+def test_pooled_group_stats_equal_whole_tensor_stats():
+    t = torch.randn(2, 8, 13, 17) * 3 + 5  # offset mean: a naive sum-of-squares would lose digits
+    stats = GroupStats(2, 4, t.device)
+    for rows in ((0, 4), (4, 5), (5, 13)):
+        for cols in ((0, 9), (9, 17)):
+            stats.add(t[:, :, rows[0]:rows[1], cols[0]:cols[1]])
+    mean, rstd = stats.finish(1e-6)
+    g = t.double().reshape(2, 4, -1)
+    torch.testing.assert_close(mean, g.mean(-1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rstd, torch.rsqrt(g.var(-1, correction=0) + 1e-6), rtol=1e-6, atol=0)
+
+
+def test_math_attention_is_sliced_when_large(monkeypatch):
+    model = tiny_vae()
+    model.set_attn_processor("math")
+    monkeypatch.setattr(exact_tiling, "MATH_ATTENTION_MAX_SCORE_BYTES", 16)
+    attn = model.decoder.mid_block.attentions[0]
+    assert type(exact_tiling.safe_attention_processor(attn, 117, 2)).__name__ == "SlicedAttnProcessor"
+    z = torch.randn(2, 4, 9, 13)
+    with torch.no_grad():
+        ref = model._pixels(z)
+    assert_fp32_close(exact_tiled_decode(model, z, tile_size=24), ref)
+    assert type(attn.processor).__name__ == "AttnProcessor", "the model's own processor must not change"
+
+
+def test_bf16_exact_is_as_good_as_untiled_bf16():
+    model = tiny_vae()
+    z = torch.randn(1, 4, 9, 13, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref32 = model._pixels(z)
+        model.to(torch.bfloat16)
+        zb = z.to(torch.bfloat16)
+        untiled = model._pixels(zb).float()
+        tiled = exact_tiled_decode(model, zb, tile_size=24).float()
+    err_untiled = (untiled - ref32).abs().max().item()
+    err_tiled = (tiled - ref32).abs().max().item()
+    # bf16 keeps 8 mantissa bits (eps 7.8e-3): both runs carry rounding of that order, differently
+    # ordered; exact tiling must not add more than the same order again.
+    assert err_tiled <= 2.0 * err_untiled + 1e-2 * ref32.abs().max().item()
+
+
+def test_tile_size_too_small_is_rejected():
+    with pytest.raises(ValueError, match="tile_size"):
+        exact_tiled_decode(tiny_vae(), torch.randn(1, 4, 9, 13), tile_size=4)
