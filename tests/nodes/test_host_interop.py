@@ -1,0 +1,130 @@
+"""Our VAE object in the host's own VAE nodes, the host's VAE in ours, and parity with the host's
+VAEEncode -> VAEDecode on the same SD-layout weights. The host's nodes run in-process under
+torch.inference_mode, as the host's executor runs them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Host and pack compute the same fp32 graph on the CPU; kernels may differ in summation order
+# (conv algorithms, SDPA vs bmm attention), far below one 8-bit level.
+ONE_LEVEL = 1.0 / 255.0
+
+
+@pytest.fixture()
+def nc(pack):
+    return pack.nodes.node_classes
+
+
+@pytest.fixture()
+def mask():
+    m = torch.zeros(1, 72, 88)
+    m[:, 20:50, 30:60] = 1.0
+    return m
+
+
+def test_host_nodes_run_our_vae(host, nc, loader, image, mask):
+    ours_z = nc.AutoencoderKLEncode().encode(image, loader)["result"][0]["samples"]
+    ours_img = nc.AutoencoderKLDecode().decode({"samples": ours_z}, loader)["result"][0]
+    with torch.inference_mode():
+        z = host.VAEEncode().encode(loader, image)[0]["samples"]
+        img = host.VAEDecode().decode(loader, {"samples": z})[0]
+        zt = host.VAEEncodeTiled().encode(loader, image, 64, 16)[0]["samples"]
+        imgt = host.VAEDecodeTiled().decode(loader, {"samples": z}, 64, 16)[0]
+        inpaint = host.VAEEncodeForInpaint().encode(loader, image, mask, 6)[0]
+    torch.testing.assert_close(z, ours_z, atol=1e-5, rtol=0)
+    torch.testing.assert_close(img, ours_img, atol=1e-5, rtol=0)
+    assert zt.shape == z.shape and imgt.shape == img.shape == (2, 72, 88, 3)
+    assert inpaint["samples"].shape == z.shape and inpaint["noise_mask"].shape == (1, 1, 72, 88)
+
+
+def test_host_decode_of_a_mismatched_latent_says_so(host, loader):
+    with torch.inference_mode(), pytest.raises(ValueError, match="16-channel latent"):
+        host.VAEDecode().decode(loader, {"samples": torch.zeros(1, 16, 8, 8)})
+
+
+def test_host_vaesave_writes_a_file_our_loader_reads_back(host, nc, pack, loader):
+    import os
+
+    import folder_paths
+    from comfy_extras.nodes_model_merging import VAESave
+
+    node = VAESave()
+    with torch.inference_mode():
+        node.save(loader, "vae/akl_saved")
+    out_dir = os.path.join(node.output_dir, "vae")
+    saved = sorted(f for f in os.listdir(out_dir) if f.startswith("akl_saved"))[-1]
+    path = os.path.join(out_dir, saved)
+    # LDM layout, as the host's own VAEs are saved
+    from safetensors.torch import load_file
+
+    sd = load_file(path)
+    assert "encoder.down.0.block.0.conv1.weight" in sd
+    back = pack.vae_core.AutoencoderKL.from_single_file(path)
+    for (k, a), b in zip(loader.core.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+    os.remove(path)
+
+
+def _sd_layout_weights(pack):
+    """Random SD-size (ch 128, 2 res blocks, 4 latent channels) weights in the LDM layout."""
+    torch.manual_seed(0)
+    model = pack.vae_core.AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    return model
+
+
+@pytest.fixture(scope="module")
+def sd_file(pack, vae_dir):
+    path = vae_dir / "akl_sd_random.safetensors"
+    _sd_layout_weights(pack).save_single_file(path)
+    return path
+
+
+def _photo_like(h=64, w=64):
+    g = torch.Generator().manual_seed(3)
+    base = torch.rand(1, 3, 6, 6, generator=g)
+    return torch.nn.functional.interpolate(base, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1).movedim(1, -1)
+
+
+def test_parity_with_the_hosts_round_trip_on_sd_weights(host, nc, sd_file):
+    """Same SD-layout file: host VAELoader -> VAEEncode -> VAEDecode vs ours, within 1/255."""
+    image = _photo_like()
+    with torch.inference_mode():
+        host_vae = host.VAELoader().load_vae("akl_sd_random.safetensors")[0]
+        host_img = host.VAEDecode().decode(host_vae, host.VAEEncode().encode(host_vae, image)[0])[0]
+    ours = nc.AutoencoderKLLoader().load("akl_sd_random.safetensors", dtype="fp32")["result"][0]
+    z = nc.AutoencoderKLEncode().encode(image, ours)["result"][0]
+    our_img = nc.AutoencoderKLDecode().decode(z, ours)["result"][0]
+    assert our_img.shape == host_img.shape == (1, 64, 64, 3)
+    assert 0.02 < float(host_img.std())  # not a saturated, trivially equal image
+    diff = (our_img - host_img).abs().max().item()
+    assert diff <= ONE_LEVEL, diff
+
+    # the host's VAE object fed to our nodes: converted once, same numbers
+    from importlib import import_module
+
+    vae_object = import_module(nc.__name__.rsplit(".", 1)[0] + ".vae_object")
+    assert vae_object.as_akl(host_vae) is vae_object.as_akl(host_vae)
+    z2 = nc.AutoencoderKLEncode().encode(image, host_vae)["result"][0]
+    img2 = nc.AutoencoderKLDecode().decode(z2, host_vae)["result"][0]
+    assert (img2 - host_img).abs().max().item() <= ONE_LEVEL
+    with torch.inference_mode():  # and the host decodes our latent
+        host_img2 = host.VAEDecode().decode(host_vae, z)[0]
+    assert (host_img2 - our_img).abs().max().item() <= ONE_LEVEL
+    # Set Attention Processor takes the host's VAE too, and leaves it as it was
+    copy = nc.AutoencoderKLSetAttentionProcessor().set_processor(host_vae, "math")["result"][0]
+    assert copy is not host_vae and type(host_vae).__name__ == "VAE"
+    img3 = nc.AutoencoderKLDecode().decode(nc.AutoencoderKLEncode().encode(image, copy)["result"][0], copy)["result"][0]
+    assert (img3 - host_img).abs().max().item() <= ONE_LEVEL
+
+
+def test_our_loader_builds_what_the_hosts_cannot(host, nc, tiny_file):
+    import comfy.sd
+    import comfy.utils
+
+    assert nc.AutoencoderKLLoader().load("akl_tiny.safetensors")["result"][0].latent_channels == 4
+    sd = comfy.utils.load_torch_file(str(tiny_file))
+    with pytest.raises(Exception):
+        comfy.sd.VAE(sd=sd)  # the host only builds the SD layout (ch=128)
