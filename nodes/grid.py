@@ -34,7 +34,8 @@ def check_tile_params(tile_size: Optional[int], overlap: Optional[int], align: i
         if not isinstance(tile_size, int) or isinstance(tile_size, bool):
             return f"tile_size must be a whole number of pixels, got {tile_size!r}"
         if not TILE_MIN <= tile_size <= TILE_MAX:
-            problems.append(f"tile_size={tile_size} is outside {TILE_MIN}..{TILE_MAX} pixels")
+            problems.append(f"tile_size={tile_size} is outside {TILE_MIN}..{TILE_MAX} pixels; use a value in that range "
+                            f"(512 is typical)")
         elif tile_size % align:
             lo, hi = tile_size // align * align, (tile_size // align + 1) * align
             problems.append(f"tile_size={tile_size} is not a multiple of {align} (the VAE's downscale factor); "

@@ -12,7 +12,7 @@ from ..vae_core import AutoencoderKL, available_attn_processors
 from ..vae_core.loading import VAELoadError, is_pretrained_folder
 from . import grid, run
 from .cache import MODELS, file_signature
-from .vae_object import DTYPES, as_akl, build
+from .vae_object import DTYPES, as_akl, build, outside_inference_mode
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +110,12 @@ class AutoencoderKLLoader:
         path = resolve_vae_path(vae_name)
 
         def _load():
-            if os.path.isdir(path):
-                core = AutoencoderKL.from_pretrained(path)
-            else:
-                core = AutoencoderKL.from_single_file(path)
-            return build(core, name=vae_name, dtype=dtype)
+            with outside_inference_mode():
+                if os.path.isdir(path):
+                    core = AutoencoderKL.from_pretrained(path)
+                else:
+                    core = AutoencoderKL.from_single_file(path)
+                return build(core, name=vae_name, dtype=dtype)
 
         try:
             vae = MODELS.get(path, dtype, _load)

@@ -20,7 +20,7 @@ import comfy.utils
 from ..vae_core import tiling
 from ..vae_core.distribution import DiagonalGaussianDistribution
 from . import grid
-from .vae_object import DTYPE_NAMES, AutoencoderKLVAE
+from .vae_object import DTYPE_NAMES, AutoencoderKLVAE, outside_inference_mode
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def encode(vae: AutoencoderKLVAE, image: torch.Tensor, posterior: str = "mode", 
     vae.load_to_device(estimated)
     vae.use_own_attention()
     core = vae.core
-    with _Measure(vae.device) as meas, torch.no_grad():
+    with _Measure(vae.device) as meas, outside_inference_mode():
         moments, report = _encode_moments(vae, core, x, f, tile, total, report)
         if not _finite(moments) and vae.vae_dtype != torch.float32:
             logger.warning("AutoencoderKL encode: non-finite values in %s; retrying in fp32", report["dtype"])
@@ -303,7 +303,7 @@ def decode(vae: AutoencoderKLVAE, samples: torch.Tensor, tile: Optional[Dict[str
     vae.load_to_device(estimated)
     vae.use_own_attention()
     core = vae.core
-    with _Measure(vae.device) as meas, torch.no_grad():
+    with _Measure(vae.device) as meas, outside_inference_mode():
         x, report = _decode_pixels(vae, core, samples, f, tile, total, report)
         if not _finite(x) and vae.vae_dtype != torch.float32:
             logger.warning("AutoencoderKL decode: non-finite values in %s; retrying in fp32", report["dtype"])

@@ -45,6 +45,18 @@ class KLRunner(torch.nn.Module):
         return self.core.decode(z).sample
 
 
+def outside_inference_mode():
+    """The host runs nodes under torch.inference_mode; weights created or moved there become
+    inference tensors, which vae_core's cached kernels cannot key on (no version counter).
+    Weights are therefore created and moved inside this context: ordinary tensors, no autograd."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+
+
 def latent_mismatch_message(got: int, expected: int, what: str = "latent") -> str:
     return (f"a {got}-channel {what} ({describe_channels(got)}) was given to a {expected}-channel VAE "
             f"({describe_channels(expected)}); the latent and the VAE come from different model families. "
@@ -86,7 +98,8 @@ class AutoencoderKLVAE(comfy.sd.VAE):
         self.device = device if device is not None else mm.vae_device()
         offload_device = mm.vae_offload_device()
         self.vae_dtype = dtype if dtype is not None else mm.vae_dtype(self.device, self.working_dtypes)
-        core = core.eval().to(self.vae_dtype)
+        with outside_inference_mode():
+            core = core.eval().to(self.vae_dtype)
         self.core = core
         self.first_stage_model = KLRunner(core).eval()
         self.output_device = mm.intermediate_device()
@@ -140,27 +153,34 @@ class AutoencoderKLVAE(comfy.sd.VAE):
 
     def decode(self, samples_in, vae_options={}):  # noqa: B006 - the host's signature
         self.check_latent(samples_in)
-        self.use_own_attention()
+        self._prepare(self.memory_used_decode(samples_in.shape, self.vae_dtype))
         return super().decode(samples_in, vae_options)
 
     def decode_tiled(self, samples, *args, **kwargs):
         self.check_latent(samples)
-        self.use_own_attention()
+        self._prepare(self.memory_used_decode(samples.shape, self.vae_dtype))
         return super().decode_tiled(samples, *args, **kwargs)
 
     def encode(self, pixel_samples):
-        self.use_own_attention()
+        self._prepare(self.memory_used_encode(pixel_samples.movedim(-1, 1).shape, self.vae_dtype))
         return super().encode(pixel_samples[..., : self.input_channels])
 
     def encode_tiled(self, pixel_samples, *args, **kwargs):
-        self.use_own_attention()
+        self._prepare(self.memory_used_encode(pixel_samples.movedim(-1, 1).shape, self.vae_dtype))
         return super().encode_tiled(pixel_samples[..., : self.input_channels], *args, **kwargs)
+
+    def _prepare(self, memory_required: float) -> None:
+        """Before a host-driven call: load the weights our way (see outside_inference_mode), so the
+        host's own load_models_gpu finds them in place, and set this object's attention."""
+        self.load_to_device(memory_required)
+        self.use_own_attention()
 
     # -- our additions ---------------------------------------------------------------------
 
     def load_to_device(self, memory_required: float = 0) -> None:
         """Bring the weights onto self.device through the host's memory manager (full load)."""
-        mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
+        with outside_inference_mode():
+            mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
 
     def with_attention(self, name: str, **kwargs) -> "AutoencoderKLVAE":
         """A new VAE sharing these weights (a clone of the ModelPatcher), running attention with
@@ -222,10 +242,11 @@ def as_akl(vae: Any) -> AutoencoderKLVAE:
         return cached
     if hasattr(vae, "throw_exception_if_invalid"):
         vae.throw_exception_if_invalid()
-    sd = {k: v.detach().to("cpu") for k, v in vae.get_sd().items()}
     kind = type(getattr(vae, "first_stage_model", None)).__name__
     try:
-        core = loading.from_state_dict(AutoencoderKL, sd, source=f"the connected VAE ({kind})")
+        with outside_inference_mode():
+            sd = {k: v.detach().to("cpu").clone() for k, v in vae.get_sd().items()}
+            core = loading.from_state_dict(AutoencoderKL, sd, source=f"the connected VAE ({kind})")
     except loading.VAELoadError as err:
         raise ValueError(f"{err}. The AutoencoderKL nodes only run KL-VAEs (SD1/SDXL/SD3/FLUX style); "
                          f"for this VAE use the host's VAE Encode/Decode nodes.") from None
