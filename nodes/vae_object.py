@@ -137,7 +137,8 @@ class AutoencoderKLVAE(comfy.sd.VAE):
 
     def get_sd(self) -> Dict[str, torch.Tensor]:
         """The weights in the LDM layout the host (and VAESave -> VAELoader) uses."""
-        return convert.diffusers_to_ldm({k: v.detach() for k, v in self.core.state_dict().items()})
+        # contiguous: the core may keep conv weights channels_last, and safetensors saves only dense tensors
+        return convert.diffusers_to_ldm({k: v.detach().contiguous() for k, v in self.core.state_dict().items()})
 
     def check_latent(self, samples: torch.Tensor) -> None:
         if samples.ndim != 4:

@@ -246,7 +246,7 @@ def test_weights_go_through_the_hosts_memory_manager(nc, loader, latent):
     assert any(m.model is loader.patcher for m in mm.current_loaded_models)
 
 
-def test_nodes_work_under_the_hosts_inference_mode(nc, pack, vae_dir, image):
+def test_nodes_work_under_the_hosts_inference_mode(host, nc, pack, vae_dir, image):
     """The host executes nodes inside torch.inference_mode: load and run there, as on the server."""
     from conftest import make_tiny
 
@@ -256,5 +256,6 @@ def test_nodes_work_under_the_hosts_inference_mode(nc, pack, vae_dir, image):
         z = nc.AutoencoderKLEncode().encode(image, vae)["result"][0]
         a = nc.AutoencoderKLDecode().decode(z, vae)["result"][0]
         b = nc.AutoencoderKLDecodeTiled().decode(z, vae, 64, 16)["result"][0]
-    assert a.shape == b.shape == (2, 72, 88, 3)
+        c = host.VAEDecode().decode(vae, z)[0]
+    assert a.shape == b.shape == c.shape == (2, 72, 88, 3)
     assert not any(p.is_inference() for p in vae.core.parameters())

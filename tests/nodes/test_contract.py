@@ -131,3 +131,14 @@ def test_grid_matches_the_tiles_run(pack):
     assert (g["rows"], g["cols"], g["tiles"]) == (3, 4, 12)
     assert grid.tile_grid(512, 512, 512, 64)["tiles"] == 1
     assert g["estimated_bytes"] > 0
+
+
+def test_pack_registers_its_models_folder(pack):
+    import os
+
+    import folder_paths
+
+    models = os.path.join(os.path.dirname(pack.__file__), "models", "vae")
+    if not os.path.isdir(models):
+        pytest.skip("no models/vae folder in this checkout yet (the demo VAE ships there)")
+    assert os.path.abspath(models) in [os.path.abspath(p) for p in folder_paths.get_folder_paths("vae")]
