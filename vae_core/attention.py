@@ -60,7 +60,7 @@ class AttnProcessorBase:
         b, c, h, w = hidden_states.shape
         residual = hidden_states
         normed = attn.group_norm(hidden_states)
-        tokens = normed.reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+        tokens = normed.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C); a view when channels_last
         del normed
         q = attn.to_q(tokens)
         k = attn.to_k(tokens)
@@ -70,7 +70,7 @@ class AttnProcessorBase:
         del q, k, v
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
-        out = out.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
+        out = out.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W), channels_last strides
         if out.requires_grad and torch.is_grad_enabled():
             return out + residual
         return out.add_(residual)
