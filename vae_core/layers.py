@@ -143,7 +143,8 @@ class Upsample2D(nn.Module):
 
     def folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         w = self.conv.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        # inference tensors (made under torch.inference_mode) have no version counter
+        key = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype, w.device)
         if self._folded is None or self._folded[0] != key:
             self._folded = (key, *subpixel_weights(self.conv))
         return self._folded[1], self._folded[2]
