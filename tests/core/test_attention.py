@@ -1,0 +1,107 @@
+"""Attention processors: each one against the plain matmul reference, the registry and the mapping API."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import CONFIGS, assert_close_fp32, make_pair
+
+from vae_core import (AttnProcessor, AttnProcessor2_0, AttnProcessorBase, AutoencoderKL, SlicedAttnProcessor,
+                      XFormersAttnProcessor, available_attn_processors, register_attn_processor)
+
+
+def _decode_with(model, processor, z):
+    model.set_attn_processor(processor)
+    with torch.no_grad():
+        return model.decode(z).sample
+
+
+@pytest.mark.parametrize("name", ["sd_layout", "flux_layout"])
+def test_every_processor_matches_the_plain_one(name):
+    _, ours = make_pair(name)
+    c = CONFIGS[name]["latent_channels"]
+    z = torch.randn(2, c, 9, 7, generator=torch.Generator().manual_seed(0))
+    reference = _decode_with(ours, AttnProcessor(), z)
+    for proc in (AttnProcessor2_0(), SlicedAttnProcessor(5), SlicedAttnProcessor(1), SlicedAttnProcessor(10_000),
+                 "sdpa", "sliced", "math"):
+        assert_close_fp32(_decode_with(ours, proc, z), reference)
+
+
+def test_processor_mapping_and_dict_form():
+    ref, ours = make_pair("sd_layout")
+    assert set(ours.attn_processors) == set(ref.attn_processors) == {
+        "encoder.mid_block.attentions.0.processor", "decoder.mid_block.attentions.0.processor"}
+    assert all(isinstance(p, AttnProcessor2_0) for p in ours.attn_processors.values()), "SDPA is the default"
+    ours.set_attn_processor({"encoder.mid_block.attentions.0.processor": "math",
+                             "decoder.mid_block.attentions.0.processor": SlicedAttnProcessor(3)})
+    procs = ours.attn_processors
+    assert isinstance(procs["encoder.mid_block.attentions.0.processor"], AttnProcessor)
+    assert procs["decoder.mid_block.attentions.0.processor"].slice_size == 3
+    with pytest.raises(ValueError, match="attention modules are"):
+        ours.set_attn_processor({"decoder.mid_block.attentions.0.processor": "math"})
+    ours.set_default_attn_processor()
+    assert all(isinstance(p, AttnProcessor2_0) for p in ours.attn_processors.values())
+
+
+def test_named_processors_and_errors():
+    m = AutoencoderKL(**CONFIGS["sd_layout"])
+    m.set_attn_processor("sliced", slice_size=16)
+    assert {p.slice_size for p in m.attn_processors.values()} == {16}
+    with pytest.raises(ValueError, match="unknown attention processor 'flash3'"):
+        m.set_attn_processor("flash3")
+    with pytest.raises(ValueError, match="slice_size"):
+        SlicedAttnProcessor(0)
+    assert {"math", "sdpa", "sliced"} <= set(available_attn_processors())
+
+
+def test_xformers_is_a_clear_error_when_missing():
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="xformers"):
+            XFormersAttnProcessor()
+        assert "xformers" not in available_attn_processors()
+    else:
+        pytest.skip("xformers is installed here")
+
+
+def test_registry_accepts_a_custom_processor():
+    calls = []
+
+    class Counting(AttnProcessor):
+        def attend(self, attn, q, k, v):
+            calls.append(q.shape)
+            return super().attend(attn, q, k, v)
+
+    register_attn_processor("counting-test", lambda **kw: Counting(), overwrite=True)
+    with pytest.raises(ValueError, match="already registered"):
+        register_attn_processor("counting-test", lambda **kw: Counting())
+    m = AutoencoderKL(**CONFIGS["sd_layout"]).eval()
+    z = torch.randn(1, 4, 4, 4)
+    ref = _decode_with(m, "math", z)
+    out = _decode_with(m, "counting-test", z)
+    assert calls == [torch.Size([1, 16, 32])]
+    assert_close_fp32(out, ref)
+    assert isinstance(m.attn_processors["decoder.mid_block.attentions.0.processor"], AttnProcessorBase)
+
+
+def test_sliced_processor_bounds_the_score_matrix():
+    """The sliced processor never materialises more than slice_size x N scores."""
+    seen = []
+    import vae_core.attention as attention
+
+    original = attention._math_attention
+
+    def spy(q, k, v, scale):
+        seen.append(q.shape[1] * k.shape[1])
+        return original(q, k, v, scale)
+
+    attention._math_attention = spy
+    try:
+        m = AutoencoderKL(**CONFIGS["sd_layout"]).eval()
+        m.set_attn_processor(SlicedAttnProcessor(8))
+        with torch.no_grad():
+            m.decode(torch.randn(1, 4, 8, 8))
+    finally:
+        attention._math_attention = original
+    assert seen and max(seen) == 8 * 64
