@@ -16,9 +16,10 @@ and merges per-tile (count, mean, M2) per (batch, group) with Chan et al.'s para
 float64; the resulting biased variance is what torch's GroupNorm uses (eps=1e-6). Later passes
 reuse those statistics. A pass may also *store* its tensor, in horizontal bands, to become a
 checkpoint that later passes start from; everything between checkpoints is recomputed per tile.
-Which tensors are stored is a memory/time trade (see `_ExactRun.store_fraction`): resnet outputs
-are stored, while conv1 outputs and 2x-upsampled tensors that are large compared with the
-biggest resnet output are recomputed. Bands of a checkpoint are freed as soon as no remaining
+Which tensors are stored is a memory/time trade (`store_fraction`): resnet outputs are always
+stored; a conv1 output or 2x-upsampled tensor is stored only when it is at most `store_fraction`
+(default 0.5) of the largest resnet output, else recomputed per tile. At 0.5 the stored tensors
+never add up to more than about one largest resnet output at a time, because bands are freed. Bands of a checkpoint are freed as soon as no remaining
 tile can reach them, so e.g. the 1024^2 input of the top decoder level is released while the
 2048^2 output fills.
 
@@ -72,6 +73,13 @@ def _crop(t: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
     return t[:, :, want[0] - have[0] : want[1] - have[0], want[2] - have[2] : want[3] - have[2]]
 
 
+def _format_of(t: torch.Tensor) -> torch.memory_format:
+    """channels_last when `t` is (the model keeps conv weights NHWC where that is faster), else NCHW."""
+    if t.dim() == 4 and t.shape[1] > 1 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _zero_pad(t: torch.Tensor, want: Region, have: Region) -> torch.Tensor:
     """`t` holds region `have` (clipped to the image); pad zeros out to `want` (the conv's padding)."""
     pads = (have[2] - want[2], want[3] - have[3], have[0] - want[0], want[1] - have[1])  # (left, right, top, bottom)
@@ -98,6 +106,7 @@ class Node:
         self.scale = scale  # image pixels per pixel of this node (tile sizes are given in image pixels)
         self.store: Optional["BandedStore"] = None  # set once this node is a checkpoint
         self.shared = False  # read by more than one consumer: memoise within a tile
+        self.self_pad = False  # compute() gets (tensor, clipped region) and pads as the layer does
         self._memo: Optional[Tuple[Region, torch.Tensor]] = None
 
     def need(self, i: int, r: Region) -> Region:
@@ -123,13 +132,17 @@ class ConvNode(Node):
         super().__init__([src], src.size, conv.out_channels, src.scale)
         self.conv = conv
         self.halo = conv.kernel_size[0] // 2
+        self.self_pad = True
 
     def need(self, i, r):
         return _grow(r, self.halo)
 
     def compute(self, ins, r):
+        # 'same' conv over the clipped input region: zero padding lands exactly on the image
+        # border, and the one garbage pixel at inner edges falls outside r and is cropped away
+        t, have = ins[0]
         w = self.conv.weight
-        return F.conv2d(ins[0].to(w.dtype), w, self.conv.bias)
+        return _crop(F.conv2d(t.to(w.dtype), w, self.conv.bias, padding=self.halo), have, r)
 
 
 class DownNode(Node):
@@ -176,6 +189,7 @@ class UpNode(Node):
         super().__init__([src], (2 * h, 2 * w), conv.out_channels, src.scale / 2)
         self.conv = conv
         self.weight, self.bias = subpixel_weights(conv)
+        self.self_pad = True
 
     @staticmethod
     def _low(r: Region) -> Region:
@@ -185,12 +199,17 @@ class UpNode(Node):
         return _grow(self._low(r), 1)
 
     def compute(self, ins, r):
+        t, have = ins[0]  # low-res input on clip(lo grown by 1)
         lo = self._low(r)
         n, m = lo[1] - lo[0], lo[3] - lo[2]
-        y = F.conv2d(ins[0].to(self.weight.dtype), self.weight, self.bias)  # (B, 4C, n+1, m+1)
+        # padding=1 supplies the zero row/col where `have` was clipped at the border; conv output
+        # row j uses input rows (have[0]-1+j, have[0]+j): we want taps from lo[0]-1, i.e. j0 below
+        y = F.conv2d(t.to(self.weight.dtype), self.weight, self.bias, padding=1)
+        j0, k0 = lo[0] - have[0], lo[2] - have[2]
+        y = y[:, :, j0 : j0 + n + 1, k0 : k0 + m + 1]  # (B, 4C, n+1, m+1)
         b, c = y.shape[0], self.channels
-        y = y.view(b, 2, 2, c, n + 1, m + 1)
-        out = y.new_empty(b, c, 2 * n, 2 * m)
+        y = y.reshape(b, 2, 2, c, n + 1, m + 1)
+        out = torch.empty((b, c, 2 * n, 2 * m), dtype=y.dtype, device=y.device, memory_format=_format_of(t))
         for a in range(2):
             for bb in range(2):
                 out[:, :, a::2, bb::2] = y[:, a, bb, :, a : a + n, bb : bb + m]
@@ -351,7 +370,8 @@ class BandedStore:
         if buf is None:
             b, c, _, w = self.shape
             self.dtype = t.dtype  # whatever the producing layer computes in
-            buf = torch.empty(b, c, self.bounds[band + 1] - self.bounds[band], w, dtype=t.dtype, device=self.device)
+            buf = torch.empty((b, c, self.bounds[band + 1] - self.bounds[band], w), dtype=t.dtype, device=self.device,
+                              memory_format=_format_of(t))
             self.bands[band] = buf
         buf[:, :, :, cols[0] : cols[1]] = t
 
@@ -391,13 +411,17 @@ class GroupStats:
         self.m2 = torch.zeros(batch, groups, dtype=torch.float64, device=device)
 
     def add(self, t: torch.Tensor) -> None:
-        b, c = t.shape[:2]
-        x = t.reshape(b, self.groups, -1)  # (B, G, C/G * h * w)
-        nb = x.shape[-1]
-        if nb == 0:
+        b, c, h, w = t.shape
+        if h * w == 0:
             return
-        var_b, mean_b = torch.var_mean(x.float(), dim=-1, correction=0)  # fp32 within one tile
-        mean_b, m2_b = mean_b.double(), var_b.double() * nb
+        # per channel in fp32 (no copy of a cropped tile), then the C/G channels of each group are
+        # merged exactly: equal counts, so M2_group = sum M2_c + hw * sum (mean_c - mean_group)^2
+        var_c, mean_c = torch.var_mean(t.float(), dim=(2, 3), correction=0)  # (B, C)
+        mean_c = mean_c.double().view(b, self.groups, c // self.groups)
+        m2_c = var_c.double().view(b, self.groups, c // self.groups) * (h * w)
+        mean_b = mean_c.mean(-1)
+        m2_b = m2_c.sum(-1) + (h * w) * (mean_c - mean_b[..., None]).pow(2).sum(-1)
+        nb = (c // self.groups) * h * w
         n = self.n + nb
         delta = mean_b - self.mean
         self.mean += delta * (nb / n)
@@ -480,7 +504,9 @@ class _ExactRun:
         return n.channels * n.size[0] * n.size[1]
 
     def _grid(self, n: Node) -> Tuple[List[int], List[int]]:
-        step = max(1, int(round(self.tile_px / n.scale)))
+        # tile_px / sqrt(scale) node pixels: a tile at 1/8 resolution (4x the channels) holds about
+        # as many elements as a full-resolution one, with far less halo overhead than tile_px / 8
+        step = max(1, int(round(self.tile_px / math.sqrt(n.scale))))
         return list(range(0, n.size[0], step)) + [n.size[0]], list(range(0, n.size[1], step)) + [n.size[1]]
 
     # evaluation
@@ -493,30 +519,38 @@ class _ExactRun:
         for i, src in enumerate(n.inputs):
             want = n.need(i, r)
             have = _clip(want, src.size)
-            ins.append(_zero_pad(self.evaluate(src, have), want, have))
+            t = self.evaluate(src, have)
+            # convs with symmetric padding pad inside the conv call (no copy of the tile)
+            ins.append((t, have) if n.self_pad else _zero_pad(t, want, have))
         t = n.compute(ins, r)
         del ins
         if n.shared:
             n._memo = (r, t)
         return t
 
-    def _reach(self, n: Node, r: Region, acc: Dict[int, Region]) -> None:
-        """Union (as a bounding box) of the region of each stored node that region r of n reads."""
+    def _reach(self, n: Node, r: Region, acc: Dict[int, Region], stop: frozenset = frozenset()) -> None:
+        """Union (as a bounding box) of the region of each stored node that region r of n reads;
+        nodes whose id is in `stop` count as stored (they will be by then)."""
         if r[0] >= r[1] or r[2] >= r[3]:
             return
-        if n.store is not None:
+        if n.store is not None or id(n) in stop:
             old = acc.get(id(n))
             acc[id(n)] = r if old is None else (min(old[0], r[0]), max(old[1], r[1]), min(old[2], r[2]), max(old[3], r[3]))
             return
         for i, src in enumerate(n.inputs):
-            self._reach(src, _clip(n.need(i, r), src.size), acc)
+            self._reach(src, _clip(n.need(i, r), src.size), acc, stop)
 
-    def _live_stores(self, upcoming: List[Node]) -> set:
+    def _live_after(self, k: int) -> set:
+        """Ids of the nodes that passes after pass k read from storage (each pass stops at
+        everything stored before it, so the walks stay short)."""
+        stop = {id(n) for n, what in self.passes[: k + 1] if "store" in what or what == "attn"}
         live: set = set()
-        for n in upcoming:
+        for n, what in self.passes[k + 1 :]:
             acc: Dict[int, Region] = {}
-            self._reach(n, (0, n.size[0], 0, n.size[1]), acc)
+            self._reach(n, (0, n.size[0], 0, n.size[1]), acc, frozenset(stop))
             live.update(acc)
+            if "store" in what or what == "attn":
+                stop.add(id(n))
         return live
 
     def _clear_memos(self) -> None:
@@ -526,45 +560,36 @@ class _ExactRun:
     def run(self) -> torch.Tensor:
         for k, (node, what) in enumerate(self.passes):
             if what == "attn":
-                self._run_attention(node)
-                continue
-            later = [n for n, _ in self.passes[k + 1 :]]
-            self._run_pass(node, what, later)
-        result = self.out.store.whole()
+                self._run_attention(node, self._live_after(k))
+            else:
+                self._run_pass(node, what, self._live_after(k))
+        result = self.out.store.whole().contiguous()  # NCHW, as the untiled path returns
         self.out.store = None
         return result
 
-    def _run_attention(self, node: AttentionNode) -> None:
+    def _run_attention(self, node: AttentionNode, live_after: set) -> None:
         h = node.inputs[0].store.whole()
         b, c, hh, ww = h.shape
         proc = safe_attention_processor(node.attn, hh * ww, b)
         out = proc(node.attn, h.to(node.attn.to_q.weight.dtype))
         node.store = BandedStore.wrap(out)
-        for consumer in self.nodes:
-            if isinstance(consumer, NormActNode) and consumer.inputs[0] is node:
-                stats = GroupStats(b, consumer.norm.num_groups, out.device)
-                stats.add(out)
-                consumer.stats = stats.finish(consumer.norm.eps)
+        if any(isinstance(c, NormActNode) and c.inputs[0] is node for c in self.nodes):
+            stats = GroupStats(b, self._norm_of(node).num_groups, out.device)
+            stats.add(out)
+            self._set_stats(node, stats)
         self._tick()
-        self._free_dead([n for n, _ in self.passes[self.passes.index((node, "attn")) + 1 :]])
-
-    def _free_dead(self, later: List[Node]) -> None:
-        live = self._live_stores(later)
         for n in self.nodes:
-            if n.store is not None and n is not self.inp and id(n) not in live:
+            if n.store is not None and n is not self.inp and n is not node and id(n) not in live_after:
                 n.store = None
 
-    def _run_pass(self, node: Node, what: str, later: List[Node]) -> None:
+    def _run_pass(self, node: Node, what: str, live_after: set) -> None:
         rows, cols = self._grid(node)
         stats = GroupStats(self.batch, self._norm_of(node).num_groups, self.device) if "stats" in what else None
         store = None
         if "store" in what:
             store = BandedStore((self.batch, node.channels) + tuple(node.size), rows, self.dtype, self.device)
         # stores that this pass reads for the last time are freed band by band as it advances
-        before = self._live_stores([node])
-        after = self._live_stores(later) if later else set()
-        dying = [n for n in self.nodes if n.store is not None and id(n) in before and id(n) not in after
-                 and n is not self.inp]
+        dying = [n for n in self.nodes if n.store is not None and id(n) not in live_after and n is not self.inp]
         for bi in range(len(rows) - 1):
             for ci in range(len(cols) - 1):
                 r = (rows[bi], rows[bi + 1], cols[ci], cols[ci + 1])
@@ -586,10 +611,7 @@ class _ExactRun:
         for d in dying:
             d.store = None
         if stats is not None:
-            norm = self._norm_of(node)
-            for consumer in self.nodes:
-                if isinstance(consumer, NormActNode) and consumer.inputs[0] is node:
-                    consumer.stats = stats.finish(norm.eps)
+            self._set_stats(node, stats)
         if store is not None:
             node.store = store
 
@@ -598,6 +620,11 @@ class _ExactRun:
             if isinstance(n, NormActNode) and n.inputs[0] is node:
                 return n.norm
         raise AssertionError(f"no GroupNorm reads {node}")
+
+    def _set_stats(self, node: Node, stats: "GroupStats") -> None:
+        for consumer in self.nodes:
+            if isinstance(consumer, NormActNode) and consumer.inputs[0] is node:
+                consumer.stats = stats.finish(consumer.norm.eps)
 
     def _tick(self) -> None:
         self.tiles_done += 1
@@ -609,15 +636,15 @@ def _check_tile(tile_size: int, store_fraction: float) -> None:
     if int(tile_size) < 8:
         raise ValueError(f"exact tiling: tile_size={tile_size} px is too small; use 64 px or more (256-1024 is typical)")
     if not 0.0 <= float(store_fraction):
-        raise ValueError(f"exact tiling: store_fraction={store_fraction} must be >= 0 (0.25 is the default)")
+        raise ValueError(f"exact tiling: store_fraction={store_fraction} must be >= 0 (0.5 is the default)")
 
 
 @torch.no_grad()
 def exact_tiled_encode(model, x: torch.Tensor, tile_size: int = 512, callback: ProgressCallback = None,
-                       store_fraction: float = 0.25) -> torch.Tensor:
+                       store_fraction: float = 0.5) -> torch.Tensor:
     """Pixels (B, C, H, W) in [-1, 1] -> moments (B, 2*latent, H/f, W/f) after quant_conv, equal to the
     untiled `model._moments(x)` up to fp32 rounding. `tile_size` is in pixels (working set per tile);
-    `store_fraction` (>= 0, default 0.25) trades memory for time, see `_ExactRun`."""
+    `store_fraction` (>= 0, default 0.5) trades memory for time, see `_ExactRun`."""
     _check_tile(tile_size, store_fraction)
     inp, out = _encoder_graph(model, x)
     return _ExactRun(inp, x, out, int(tile_size), float(store_fraction), callback).run()
@@ -625,7 +652,7 @@ def exact_tiled_encode(model, x: torch.Tensor, tile_size: int = 512, callback: P
 
 @torch.no_grad()
 def exact_tiled_decode(model, z: torch.Tensor, tile_size: int = 512, callback: ProgressCallback = None,
-                       store_fraction: float = 0.25) -> torch.Tensor:
+                       store_fraction: float = 0.5) -> torch.Tensor:
     """Raw latents (B, latent, h, w) -> pixels (B, out, h*f, w*f) after post_quant_conv and the decoder,
     equal to the untiled `model._pixels(z)` up to fp32 rounding. `tile_size` is in output pixels."""
     _check_tile(tile_size, store_fraction)

