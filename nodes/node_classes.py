@@ -57,7 +57,26 @@ def vae_choices() -> List[str]:
     return files + [d for d in diffusers_folders() if d not in files]
 
 
+def check_vae_name(vae_name: str) -> None:
+    """Refuse names that could reach outside the vae model folders: absolute paths and '..' parts.
+
+    Names come from prompts (the API), so they are not trusted; the host's own lookup would quietly
+    map '../x' to 'x', and a folder name ('name/') is joined as given. Symlinks the server's owner put
+    inside a vae folder are followed, as the host's own loaders do (only someone who can write to
+    the model folders can create them).
+    """
+    if not isinstance(vae_name, str) or not vae_name.strip("/"):
+        raise ValueError(f"vae_name={vae_name!r} is not a file or folder name; choose one from the list")
+    parts = vae_name.replace("\\", "/").split("/")
+    if "\0" in vae_name or os.path.isabs(vae_name) or vae_name.startswith(("/", "\\")) or ".." in parts \
+            or (len(vae_name) > 1 and vae_name[0].isalpha() and vae_name[1] == ":"):  # a Windows drive
+        raise ValueError(f"vae_name={vae_name!r} is refused: names must be relative to the vae model folders, "
+                         "without '..' or an absolute path; choose a name from the list (put the file in "
+                         "models/vae first)")
+
+
 def resolve_vae_path(vae_name: str) -> str:
+    check_vae_name(vae_name)
     if vae_name.endswith("/"):
         for base in folder_paths.get_folder_paths("vae"):
             path = os.path.join(base, vae_name.rstrip("/"))
@@ -103,7 +122,7 @@ class AutoencoderKLLoader:
     def IS_CHANGED(cls, vae_name, dtype="auto"):
         try:
             return f"{vae_name}|{dtype}|{file_signature(resolve_vae_path(vae_name))}"
-        except (OSError, FileNotFoundError):
+        except (OSError, ValueError):  # missing file, refused name
             return float("nan")  # always re-run so the load error is reported
 
     def load(self, vae_name: str, dtype: str = "auto"):

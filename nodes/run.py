@@ -67,7 +67,9 @@ def image_to_pixels(image: torch.Tensor, factor: int, channels: int) -> torch.Te
     if image.ndim != 4:
         raise ValueError(f"expected an IMAGE of shape [B, H, W, C], got {list(image.shape)}")
     if image.shape[-1] < channels:
-        raise ValueError(f"the image has {image.shape[-1]} channels; this VAE needs {channels} (RGB)")
+        raise ValueError(f"the image has {image.shape[-1]} channel(s) (grayscale or a mask?); this VAE needs "
+                         f"{channels} (RGB). Convert it to RGB first (e.g. with a mask-to-image or "
+                         "grayscale-to-RGB node); extra channels such as alpha are dropped")
     image = crop_to_multiple(image[..., :channels], factor)
     return image.movedim(-1, 1) * 2.0 - 1.0
 
@@ -173,6 +175,102 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+# -- bad inputs and absurd sizes ---------------------------------------------------------------
+
+
+def check_input(t: torch.Tensor, what: str) -> None:
+    """Refuse an empty batch, a zero-sized side and NaN/inf values before any work: a VAE turns
+    them into an empty, broken or black image without saying so. `what` names the input."""
+    if t.shape[0] == 0:
+        raise ValueError(f"the {what} batch is empty ({list(t.shape)}): there is nothing to "
+                         f"{'decode' if what == 'latent' else 'encode'}; check the node that makes it")
+    if any(s == 0 for s in t.shape[1:]):
+        raise ValueError(f"the {what} has a zero-sized side ({list(t.shape)}); check the node that makes it")
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        nan = int(torch.isnan(t).sum())
+        culprit = "a sampler that diverged in fp16" if what == "latent" else "image maths that divided by zero"
+        raise ValueError(f"the {what} holds {bad} non-finite values ({nan} NaN, {bad - nan} inf) of {t.numel()}; "
+                         f"a VAE would turn them into a broken image. The node that made the {what} went wrong "
+                         f"(e.g. {culprit}): fix it there")
+
+
+def _check_output(t: torch.Tensor, direction: str, inp: torch.Tensor) -> None:
+    """fp32 already failed (or was the dtype): say so instead of returning a black image."""
+    if not _finite(t):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"AutoencoderKL {direction}: the result holds {bad} NaN/inf values even in fp32, from "
+                         f"finite inputs (largest |value| {inp.abs().max().item():.3g}); the input is far outside "
+                         "the VAE's range (a latent of another model, or wrongly scaled): check what feeds this node")
+
+
+def available_ram() -> Optional[int]:
+    """Bytes of system memory the server may still take (MemAvailable), None when unknown."""
+    planner = _planner()
+    if planner is not None:
+        return planner.free_memory(torch.device("cpu"))
+    return None
+
+
+# Use at most this fraction of the available system memory for one run; the rest is the host's
+# and the allocator's slack. Running out of *system* memory does not raise: the kernel's OOM
+# killer ends the whole server, so the nodes refuse such runs up front.
+RAM_FRACTION = 0.85
+
+
+def _needed_ram(direction: str, vae: AutoencoderKLVAE, shape, tile: Optional[Dict[str, Any]]) -> Tuple[int, str]:
+    """(bytes of system memory a run needs at least, how it would run). shape: the input (B, C, H, W)."""
+    cfg = vae.core.config
+    b, _c, h, w = shape
+    f = vae.upscale_ratio
+    px_h, px_w = (h * f, w * f) if direction == "decode" else (h, w)
+    dsize = mm.dtype_size(vae.vae_dtype)
+    # the result on the intermediate device: IMAGE float32 (decode) or latents (encode), made from a copy
+    out = b * px_h * px_w * 3 * 4 if direction == "decode" else b * 2 * cfg.latent_channels * (h // f) * (w // f) * 4
+    on_cpu = vae.device.type == "cpu"
+    if not on_cpu:  # device memory is the planner's (a CUDA OOM raises and is retried tiled)
+        return 2 * out, "on " + str(vae.device)
+    planner = _planner()
+    if tile is not None and tile["method"] == "blend":
+        g = grid.tile_grid(px_h, px_w, tile["tile_size"], tile["overlap"], "blend", cfg.latent_channels,
+                           cfg.block_out_channels[0], dsize, b, direction, f)
+        # every tile's output is kept until the rows are blended: about (t / (t - o))^2 outputs
+        t, o = tile["tile_size"], tile["overlap"]
+        outputs = (t / max(1, t - o)) ** 2 * out * dsize / 4
+        return int(g["estimated_bytes"] + outputs + 2 * out), f"blend-tiled in {t} px tiles"
+    if planner is None:
+        return int(grid.estimate_bytes(direction, b, px_h, px_w, cfg.block_out_channels[0], dsize) + out), "untiled"
+    dtype = vae.vae_dtype
+    if tile is not None:
+        t = tile["tile_size"]
+        return planner.estimate_tiled_bytes(direction, shape, dtype, cfg, t) + out, f"exact-tiled in {t} px tiles"
+    smallest = planner.TILE_CANDIDATES[-1]
+    untiled = planner.estimate_bytes(direction, shape, dtype, cfg)
+    tiled = planner.estimate_tiled_bytes(direction, shape, dtype, cfg, smallest)
+    if untiled <= tiled:
+        return untiled + out, "untiled"
+    return tiled + out, f"even with exact tiling in {smallest} px tiles"
+
+
+def check_memory(direction: str, vae: AutoencoderKLVAE, shape, tile: Optional[Dict[str, Any]] = None) -> None:
+    """Refuse a run that cannot fit in system memory, before it allocates anything."""
+    free = available_ram()
+    if free is None:
+        return
+    need, how = _needed_ram(direction, vae, shape, tile)
+    if need <= free * RAM_FRACTION:
+        return
+    b, c, h, w = shape
+    f = vae.upscale_ratio
+    px = f"{w * f}x{h * f}" if direction == "decode" else f"{w}x{h}"
+    raise ValueError(
+        f"AutoencoderKL {direction}: {b} image(s) of {px} px ({'latent' if direction == 'decode' else 'pixels'} "
+        f"{list(shape)}) need about {need / 2**30:.1f} GiB of system memory ({how}), but only "
+        f"{free / 2**30:.1f} GiB is available ({RAM_FRACTION:.0%} of it may be used); refused before starting, so "
+        "the server is not ended by the system's out-of-memory killer. Use a smaller size or batch "
+        "(e.g. crop or split the latent), a smaller tile, or a machine with more memory.")
+
+
 # -- encode ----------------------------------------------------------------------------------
 
 
@@ -199,8 +297,10 @@ def encode(vae: AutoencoderKLVAE, image: torch.Tensor, posterior: str = "mode", 
     if posterior not in ("mode", "sample"):
         raise ValueError(f"posterior={posterior!r}: choose 'mode' (the host's behaviour) or 'sample'")
     f = vae.downscale_ratio
+    check_input(image, "image")
     x = image_to_pixels(image, f, vae.input_channels)
     b, _, h, w = x.shape
+    check_memory("encode", vae, tuple(x.shape), tile)
     width = vae.core.config.block_out_channels[0]
     dsize = mm.dtype_size(vae.vae_dtype)
     if tile is not None:
@@ -219,6 +319,7 @@ def encode(vae: AutoencoderKLVAE, image: torch.Tensor, posterior: str = "mode", 
             logger.warning("AutoencoderKL encode: non-finite values in %s; retrying in fp32", report["dtype"])
             moments, report = _encode_moments(vae, _fp32_copy(core), x, f, tile, total, report)
             report["fp32_retry"] = True
+        _check_output(moments, "encode", x)
         dist = DiagonalGaussianDistribution(moments.to(vae.output_device).float())
         if posterior == "mode":
             z = dist.mode()
@@ -288,8 +389,10 @@ def decode(vae: AutoencoderKLVAE, samples: torch.Tensor, tile: Optional[Dict[str
            ) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """Raw latents (B, C, h, w) -> IMAGE (B, h*f, w*f, 3) float32 in [0, 1] on the intermediate device."""
     vae.check_latent(samples)
+    check_input(samples, "latent")
     f = vae.upscale_ratio
     b, _, lh, lw = samples.shape
+    check_memory("decode", vae, tuple(samples.shape), tile)
     h, w = lh * f, lw * f
     width = vae.core.config.block_out_channels[0]
     dsize = mm.dtype_size(vae.vae_dtype)
@@ -309,6 +412,7 @@ def decode(vae: AutoencoderKLVAE, samples: torch.Tensor, tile: Optional[Dict[str
             logger.warning("AutoencoderKL decode: non-finite values in %s; retrying in fp32", report["dtype"])
             x, report = _decode_pixels(vae, _fp32_copy(core), samples, f, tile, total, report)
             report["fp32_retry"] = True
+        _check_output(x, "decode", samples)
         image = pixels_to_image(x, vae.output_device)
     report["seconds"], report["peak_bytes"] = round(meas.seconds, 4), meas.peak
     return image, report

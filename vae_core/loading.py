@@ -109,6 +109,12 @@ def _check_tensors(sd: Dict[str, torch.Tensor], source: str) -> None:
     if bad:
         raise VAELoadError(f"{source}: VAE weights must be floating point; {convert._first(bad)} "
                            f"{'is' if len(bad) == 1 else 'are'} {sd[bad[0]].dtype}")
+    # A flipped exponent bit or a broken export leaves NaN/inf in a weight: every image would come out
+    # black or broken, so refuse the file here, naming the tensor, rather than at the first decode.
+    broken = [k for k, v in sd.items() if not bool(torch.isfinite(v).all())]
+    if broken:
+        raise VAELoadError(f"{source}: the weights hold NaN or inf values in {convert._first(broken)}; the file is "
+                           "corrupt (or was saved from a broken model): re-download or re-export it")
 
 
 def _load_strict(model, sd: Dict[str, torch.Tensor], source: str) -> None:
