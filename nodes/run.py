@@ -227,6 +227,8 @@ def _needed_ram(direction: str, vae: AutoencoderKLVAE, shape, tile: Optional[Dic
     dsize = mm.dtype_size(vae.vae_dtype)
     # the result on the intermediate device: IMAGE float32 (decode) or latents (encode), made from a copy
     out = b * px_h * px_w * 3 * 4 if direction == "decode" else b * 2 * cfg.latent_channels * (h // f) * (w // f) * 4
+    if direction == "encode":
+        out += b * 3 * h * w * 4  # the [-1, 1] copy of the IMAGE the encoder reads
     on_cpu = vae.device.type == "cpu"
     if not on_cpu:  # device memory is the planner's (a CUDA OOM raises and is retried tiled)
         return 2 * out, "on " + str(vae.device)

@@ -1,0 +1,132 @@
+"""Bad inputs to the encode/decode nodes, in-process: each gets a clear error before any work, or a
+documented handling. Already covered elsewhere (not repeated): latent channel mismatch and RGBA /
+non-multiple-of-8 crops (tests/nodes/test_behaviour.py), tile_size/overlap validation
+(tests/nodes/test_contract.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+GiB = 2**30
+
+
+def _encode(nc, vae, image, node):
+    if node == "Encode":
+        return nc.AutoencoderKLEncode().encode(image, vae)["result"][0]["samples"]
+    return nc.AutoencoderKLEncodeTiled().encode(image, vae, 64, 16)["result"][0]["samples"]
+
+
+def _decode(nc, vae, z, node):
+    if node == "Decode":
+        return nc.AutoencoderKLDecode().decode({"samples": z}, vae)["result"][0]
+    method = node.split("/")[1]
+    return nc.AutoencoderKLDecodeTiled().decode({"samples": z}, vae, 64, 16, method)["result"][0]
+
+
+ENCODERS = ["Encode", "EncodeTiled"]
+DECODERS = ["Decode", "DecodeTiled/blend", "DecodeTiled/exact"]
+
+
+@pytest.mark.parametrize("node", ENCODERS)
+@pytest.mark.parametrize("hw", [(4, 4), (7, 64), (64, 7)])
+def test_images_smaller_than_8px_are_refused(nc, good_vae, node, hw):
+    with pytest.raises(ValueError, match=r"at least 8x8"):
+        _encode(nc, good_vae, torch.rand(1, *hw, 3), node)
+
+
+@pytest.mark.parametrize("node", ENCODERS)
+@pytest.mark.parametrize("channels", [1, 2])
+def test_grayscale_and_two_channel_images_are_refused_with_what_to_do(nc, good_vae, node, channels):
+    with pytest.raises(ValueError, match=rf"{channels} channel\(s\).*needs 3 \(RGB\)\. Convert it to RGB"):
+        _encode(nc, good_vae, torch.rand(1, 32, 32, channels), node)
+
+
+@pytest.mark.parametrize("node", ENCODERS)
+def test_empty_image_batch_is_refused(nc, good_vae, node):
+    with pytest.raises(ValueError, match=r"image batch is empty \(\[0, 32, 32, 3\]\).*nothing to encode"):
+        _encode(nc, good_vae, torch.rand(0, 32, 32, 3), node)
+
+
+@pytest.mark.parametrize("node", DECODERS)
+@pytest.mark.parametrize("shape,match", [
+    ((0, 4, 8, 8), r"latent batch is empty"),
+    ((1, 4, 0, 8), r"zero-sized side"),
+])
+def test_empty_latents_are_refused(nc, good_vae, node, shape, match):
+    with pytest.raises(ValueError, match=match):
+        _decode(nc, good_vae, torch.zeros(shape), node)
+
+
+@pytest.mark.parametrize("node", DECODERS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_latents_are_refused_not_decoded_to_a_black_image(nc, good_vae, node, value):
+    z = torch.zeros(1, 4, 12, 12)
+    z[0, 1, 5, 7] = value
+    with pytest.raises(ValueError, match=r"latent holds 1 non-finite values .*sampler"):
+        _decode(nc, good_vae, z, node)
+
+
+@pytest.mark.parametrize("node", ENCODERS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_images_are_refused(nc, good_vae, node, value):
+    image = torch.rand(1, 96, 96, 3)
+    image[0, 3, 4, 1] = value
+    with pytest.raises(ValueError, match=r"image holds 1 non-finite values"):
+        _encode(nc, good_vae, image, node)
+
+
+def test_finite_latents_far_out_of_range_fail_instead_of_a_black_image(nc, good_vae):
+    """1e38 is finite but overflows inside the VAE even in fp32: an error, never a silent NaN image."""
+    with pytest.raises(ValueError, match=r"NaN/inf values even in fp32.*1e\+38"):
+        _decode(nc, good_vae, torch.full((1, 4, 4, 4), 1e38), "Decode")
+
+
+def test_ordinary_extreme_values_still_decode(nc, good_vae):
+    """Large but sane latents (|z| = 50) give a valid image; the checks refuse only non-finite data."""
+    image = _decode(nc, good_vae, torch.full((1, 4, 4, 4), 50.0), "Decode")
+    assert torch.isfinite(image).all() and 0 <= image.min() and image.max() <= 1
+
+
+# -- absurd sizes: refused before any allocation, from the estimate ---------------------------------
+
+
+@pytest.fixture()
+def little_ram(pack, monkeypatch):
+    """Pretend the server has 2 GiB of system memory available."""
+    monkeypatch.setattr(pack.nodes.run, "available_ram", lambda: 2 * GiB)
+    return 2 * GiB
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("node", DECODERS)
+def test_a_16384px_decode_that_cannot_fit_is_refused_up_front(nc, good_vae, little_ram, node):
+    z = torch.zeros(1, 4, 2048, 2048)  # EmptyLatentImage at its maximum, 16384 x 16384
+    with pytest.raises(ValueError) as err:
+        _decode(nc, good_vae, z, node)
+    msg = str(err.value)
+    assert "16384x16384 px" in msg and "GiB of system memory" in msg and "2.0 GiB is available" in msg
+    assert "refused before starting" in msg and "smaller" in msg
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("node", ENCODERS)
+def test_an_encode_that_cannot_fit_is_refused_up_front(nc, good_vae, pack, monkeypatch, node):
+    # the [-1, 1] copy of a 1024^2 image alone is 12 MiB; 8 MiB cannot hold it, tiled or not
+    monkeypatch.setattr(pack.nodes.run, "available_ram", lambda: 8 * 2**20)
+    with pytest.raises(ValueError, match=r"AutoencoderKL encode: 1 image\(s\) of 1024x1024 px .* refused"):
+        _encode(nc, good_vae, torch.rand(1, 1024, 1024, 3), node)
+
+
+def test_what_fits_still_runs_with_little_memory(nc, good_vae, little_ram):
+    for node in DECODERS:
+        assert _decode(nc, good_vae, torch.zeros(1, 4, 16, 16), node).shape == (1, 128, 128, 3)
+
+
+def test_the_memory_estimate_grows_with_the_request(pack, good_vae):
+    needed = pack.nodes.run._needed_ram
+    small, _ = needed("decode", good_vae, (1, 4, 64, 64), None)
+    big, how = needed("decode", good_vae, (1, 4, 2048, 2048), None)
+    batch, _ = needed("decode", good_vae, (16, 4, 64, 64), None)
+    # the IMAGE alone is 3 GiB at 16384^2 (and so is the decoder's fp32 output)
+    assert big - small > 6 * GiB and "tiling" in how
+    assert batch > small
