@@ -136,11 +136,25 @@ def _load_strict(model, sd: Dict[str, torch.Tensor], source: str) -> None:
     model.load_state_dict(sd, strict=True)
 
 
+def _config_from_dict(data: Any, source: str, what: str) -> AutoencoderKLConfig:
+    """AutoencoderKLConfig.from_dict, with every failure a VAELoadError that names the file."""
+    if not isinstance(data, dict):
+        raise VAELoadError(f"{source}: {what} must be a JSON object of AutoencoderKL settings, "
+                           f"found {type(data).__name__}; re-export the file")
+    try:
+        return AutoencoderKLConfig.from_dict(data, source=f"{source} ({what})")
+    except VAELoadError:
+        raise
+    except (ValueError, TypeError) as err:
+        msg = str(err) if source in str(err) else f"{source} ({what}): {err}"
+        raise VAELoadError(f"{msg}; the file's config is damaged: re-download or re-export it") from None
+
+
 def _resolve_config(config: Any, source: str) -> Optional[AutoencoderKLConfig]:
     if config is None or isinstance(config, AutoencoderKLConfig):
         return config
     if isinstance(config, dict):
-        return AutoencoderKLConfig.from_dict(config, source=f"{source} (config)")
+        return _config_from_dict(config, source, "config")
     p = Path(config)
     if p.is_dir():
         p = p / CONFIG_NAME
@@ -152,9 +166,7 @@ def _read_config_file(p: Path) -> AutoencoderKLConfig:
         data = json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise VAELoadError(f"{p}: cannot read the config: {err}") from err
-    if not isinstance(data, dict):
-        raise VAELoadError(f"{p}: the config must be a JSON object")
-    return AutoencoderKLConfig.from_dict(data, source=str(p))
+    return _config_from_dict(data, str(p), "config.json")
 
 
 def from_state_dict(cls, sd: Dict[str, torch.Tensor], config: Any = None, family: Optional[str] = None,
@@ -176,7 +188,7 @@ def from_state_dict(cls, sd: Dict[str, torch.Tensor], config: Any = None, family
     cfg_origin = "given"
     if cfg is None and metadata and metadata.get(META_CONFIG):
         try:
-            cfg = AutoencoderKLConfig.from_dict(json.loads(metadata[META_CONFIG]), source=f"{source} (metadata)")
+            cfg = _config_from_dict(json.loads(metadata[META_CONFIG]), source, f"metadata {META_CONFIG}")
             cfg_origin = "metadata"
         except json.JSONDecodeError as err:
             raise VAELoadError(f"{source}: metadata {META_CONFIG} is not valid JSON: {err}") from err
@@ -198,8 +210,12 @@ def from_state_dict(cls, sd: Dict[str, torch.Tensor], config: Any = None, family
                                      "shift_factor": fam.shift_factor, "sample_size": fam.sample_size})
     if detected is not None and cfg_origin == "inferred from shapes" and "assumed" in reason:
         logger.warning("%s: %s", source, reason)
-    with torch.device("meta"):
-        skeleton = cls.from_config(cfg)
+    try:
+        with torch.device("meta"):
+            skeleton = cls.from_config(cfg)
+    except (RuntimeError, ValueError, TypeError) as err:  # e.g. a damaged config with negative channels
+        raise VAELoadError(f"{source}: the VAE config ({cfg_origin}) does not describe a buildable VAE: "
+                           f"{str(err).splitlines()[0]}; re-export the file or pass config=") from None
     model = skeleton.to_empty(device="cpu")
     _load_strict(model, dsd, source)
     if torch_dtype is not None:
