@@ -58,6 +58,7 @@ function sections(node, state) {
   } else if (state.kind === "grid") {
     const w = Object.fromEntries(TILE_WIDGETS.map((n) => [n, node.widgets?.find((x) => x.name === n)?.value]));
     const err = checkTileParams(w.tile_size, w.overlap);
+    state.shownGrid = null;
     if (err) {
       out.push({ error: err });
     } else if (state.grid) {
@@ -66,6 +67,7 @@ function sections(node, state) {
       if (g.tile_size !== w.tile_size || g.overlap !== w.overlap || g.method !== method) {
         g = regrid(state.grid, w.tile_size, w.overlap, method);
       }
+      state.shownGrid = g;
       out.push(section("Tile grid", gridRows(g)));
     } else {
       out.push({ hint: HINTS.grid });
@@ -116,7 +118,9 @@ function render(node, state) {
     el.appendChild(div);
     lines += 1;
   }
-  state.height = 12 + 16 * Math.max(1, lines);
+  // Content (16 px a line, 8 px padding) plus the 20 px margin the frontend keeps around DOM widgets;
+  // the measured height wins once the panel is laid out (long values wrap).
+  state.height = Math.max(28 + 16 * Math.max(1, lines), el.isConnected && el.scrollHeight ? el.scrollHeight + 22 : 0);
   // Grow the node to fit the panel (never shrink what the user sized).
   const need = node.computeSize?.();
   if (need && need[1] > node.size[1]) node.setSize([Math.max(node.size[0], need[0]), need[1]]);
@@ -137,7 +141,7 @@ function attach(node, comfyClass) {
   element.className = "akl-panel";
   element.dataset.aklKind = kindOf(comfyClass);
   const state = {
-    kind: kindOf(comfyClass), element, card: null, grid: null, run: null, status: null, height: 28,
+    kind: kindOf(comfyClass), element, card: null, grid: null, run: null, status: null, height: 28, shownGrid: null,
     abort: new AbortController(), restore: [],
   };
   const widget = node.addDOMWidget(PANEL_WIDGET, "akl-panel", element, {
@@ -175,6 +179,15 @@ function attach(node, comfyClass) {
     state.status = `Running: ${detail.value} / ${detail.max}${state.kind === "grid" ? " tiles" : ""}`;
     render(node, state);
   }, { signal });
+  // A cached loader does not run again, so the server sends no card: show the one this browser
+  // saw for the same widget values (the loader's output depends on them alone).
+  if (comfyClass === "AutoencoderKLLoader") {
+    api.addEventListener("execution_cached", ({ detail }) => {
+      if (state.card || !detail?.nodes?.map(String).includes(String(node.id))) return;
+      state.card = rememberedCard(node);
+      if (state.card) render(node, state);
+    }, { signal });
+  }
   api.addEventListener("executed", ({ detail }) => {
     if (matches(detail) && state.status) { state.status = null; render(node, state); }
   }, { signal });
@@ -182,6 +195,32 @@ function attach(node, comfyClass) {
   live.set(node, state);
   render(node, state);
   return state;
+}
+
+const CARD_STORE = "ComfyUI-AutoencoderKL.cards";
+
+function cardKey(node) {
+  return JSON.stringify((node.widgets ?? []).filter((w) => w.name !== PANEL_WIDGET).map((w) => w.value));
+}
+
+function rememberCard(node, card) {
+  try {
+    const cards = JSON.parse(localStorage.getItem(CARD_STORE) ?? "{}");
+    cards[cardKey(node)] = card;
+    const keys = Object.keys(cards);
+    for (const k of keys.slice(0, Math.max(0, keys.length - 20))) delete cards[k]; // keep the last 20
+    localStorage.setItem(CARD_STORE, JSON.stringify(cards));
+  } catch (err) {
+    console.warn(`${EXTENSION}: could not keep the model card in localStorage:`, err);
+  }
+}
+
+function rememberedCard(node) {
+  try {
+    return JSON.parse(localStorage.getItem(CARD_STORE) ?? "{}")[cardKey(node)] ?? null;
+  } catch {
+    return null;
+  }
 }
 
 function detach(node) {
@@ -212,7 +251,10 @@ app.registerExtension({
       onExecuted?.apply(this, [output]);
       const state = live.get(this);
       if (!state || !output) return;
-      if (output.akl_card?.[0]) state.card = output.akl_card[0];
+      if (output.akl_card?.[0]) {
+        state.card = output.akl_card[0];
+        if (comfyClass === "AutoencoderKLLoader") rememberCard(this, state.card);
+      }
       if (output.akl_grid?.[0]) state.grid = output.akl_grid[0];
       if (output.akl_run?.[0]) state.run = output.akl_run[0];
       state.status = null;

@@ -185,12 +185,21 @@ export function tilingText(report) {
   return `yes, ${tiles}`;
 }
 
+/** Measured peak and the estimate; the host measures peaks on accelerators only. */
+export function peakText(report) {
+  const est = `est. ${formatBytes(report.estimated_bytes)}`;
+  if (report.peak_bytes === null || report.peak_bytes === undefined) {
+    return `not measured${report.device ? ` on ${report.device}` : ""} (${est})`;
+  }
+  return `${formatBytes(report.peak_bytes)} (${est})`;
+}
+
 /** Rows of a run report (akl_run). `manualTiles`: the node tiles by its widgets (tiled nodes). */
 export function runRows(report, { manualTiles = false } = {}) {
   const rows = [
-    ["Last run", `${report.direction} ${report.batch} × ${report.image_w} × ${report.image_h} px`],
+    ["Run", `${report.direction} ${report.batch} × ${report.image_w} × ${report.image_h} px`],
     ["Time", formatSeconds(report.seconds)],
-    ["Peak memory", `${formatBytes(report.peak_bytes)} (est. ${formatBytes(report.estimated_bytes)})`],
+    ["Peak memory", peakText(report)],
   ];
   if (!manualTiles) rows.push(["Auto tiling", tilingText(report)]);
   rows.push(["fp32 retry", report.fp32_retry ? `yes (${report.dtype} gave non-finite values)` : "no"]);

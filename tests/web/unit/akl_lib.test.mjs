@@ -99,6 +99,8 @@ test("run rows say time, peak memory, auto tiling and fp32 retry", () => {
   assert.equal(rows["Peak memory"], "3.00 MiB (est. 4.00 MiB)");
   assert.equal(rows["Auto tiling"], "no");
   assert.equal(rows["fp32 retry"], "no");
+  assert.equal(rows.Run, "decode 1 × 512 × 512 px");
+  assert.equal(runRows({ ...base, peak_bytes: null, device: "cpu" })[2][1], "not measured on cpu (est. 4.00 MiB)");
   rows = Object.fromEntries(runRows({ ...base, tiled: true, tiles: 4, tile_size: 512, planner: true,
                                       reason: "does not fit in free memory", fp32_retry: true }));
   assert.equal(rows["Auto tiling"], "auto, 4 tiles of 512 px (does not fit in free memory)");
