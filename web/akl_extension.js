@@ -120,7 +120,8 @@ function render(node, state) {
   }
   // Content (16 px a line, 8 px padding) plus the 20 px margin the frontend keeps around DOM widgets;
   // the measured height wins once the panel is laid out (long values wrap).
-  state.height = Math.max(28 + 16 * Math.max(1, lines), el.isConnected && el.scrollHeight ? el.scrollHeight + 22 : 0);
+  const measured = el.isConnected ? [...el.children].reduce((sum, c) => sum + c.offsetHeight, 0) : 0;
+  state.height = Math.max(28 + 16 * Math.max(1, lines), measured ? measured + 30 : 0);
   // Grow the node to fit the panel (never shrink what the user sized).
   const need = node.computeSize?.();
   if (need && need[1] > node.size[1]) node.setSize([Math.max(node.size[0], need[0]), need[1]]);
