@@ -183,8 +183,16 @@ def main() -> None:
                 print(f"\n## {kind} {size}x{size}: untiled {ref['seconds']:.1f} s, peak {_gib(ref['peak']):.2f} GiB, "
                       f"delta {_gib(ref['peak'] - ref['base']):.2f} GiB; planner estimate {_gib(est):.2f} GiB "
                       f"(estimate/delta {est / max(1, ref['peak'] - ref['base']):.2f})")
-                print("| method | tile | PSNR dB | max err | peak GiB | peak ratio | delta ratio | time s | time ratio |")
-                print("|---|---|---|---|---|---|---|---|---|")
+                torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+                if args.dtype != "fp32":
+                    ref32 = _spawn(kind, "untiled", size, 0, "fp32", args.batch, workdir)
+                    if "error" not in ref32:
+                        psnr, maxerr = _compare(ref32["path"], ref["path"], kind)
+                        print(f"untiled {args.dtype} against untiled fp32: PSNR {psnr:.1f} dB, max err {maxerr:.2e}, "
+                              f"time {ref['seconds']:.1f} s vs {ref32['seconds']:.1f} s "
+                              f"(speed-up {ref32['seconds'] / ref['seconds']:.2f}x)")
+                print("| method | tile | PSNR dB | max err | peak GiB | peak ratio | delta ratio | est/delta | time s | time ratio |")
+                print("|---|---|---|---|---|---|---|---|---|---|")
                 for tile in args.tile:
                     for method in args.methods:
                         res = _spawn(kind, method, size, tile, args.dtype, args.batch, workdir)
@@ -192,9 +200,12 @@ def main() -> None:
                             print(f"| {method} | {tile} | failed: {res['error']} |")
                             continue
                         psnr, maxerr = _compare(ref["path"], res["path"], kind)
+                        delta = max(1, res["peak"] - res["base"])
+                        est_t = (f"{planner.estimate_tiled_bytes(kind, shape, torch_dtype, cfg, tile) / delta:.2f}"
+                                 if method == "exact" else "")
                         print(f"| {method} | {tile} | {psnr:.1f} | {maxerr:.2e} | {_gib(res['peak']):.2f} | "
                               f"{res['peak'] / ref['peak']:.2f} | "
-                              f"{(res['peak'] - res['base']) / max(1, ref['peak'] - ref['base']):.2f} | "
+                              f"{delta / max(1, ref['peak'] - ref['base']):.2f} | {est_t} | "
                               f"{res['seconds']:.1f} | {res['seconds'] / ref['seconds']:.2f} |", flush=True)
                         os.remove(res["path"])
 

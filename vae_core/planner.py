@@ -216,11 +216,9 @@ def _is_oom(err: BaseException) -> bool:
 def _execute(kind: str, model, t: torch.Tensor, plan: Plan, callback) -> torch.Tensor:
     from .exact_tiling import exact_tiled_decode, exact_tiled_encode
 
-    if model.use_tiling:  # the user chose tiling on this model: honour it
-        big = model._is_large_latent(t) if kind == "decode" else model._is_large_sample(t)
-        if big:
-            fn = model._tiled_pixels if kind == "decode" else model._tiled_moments
-            return fn(t, model.tiling_method, callback)
+    if plan.tiled and plan.method == "blend":  # the user enabled diffusers' tiling on the model
+        fn = model._tiled_pixels if kind == "decode" else model._tiled_moments
+        return fn(t, "blend", callback)
     if plan.tiled:
         fn = exact_tiled_decode if kind == "decode" else exact_tiled_encode
         return fn(model, t, tile_size=plan.tile_size, callback=callback, **model.tiling_options)
@@ -242,12 +240,16 @@ def _run(kind: str, model, t: torch.Tensor, dtype: Optional[torch.dtype], force_
                                    estimated_bytes=estimate_tiled_bytes(kind, tuple(t.shape), run_dtype,
                                                                         model.config, int(tile_size)),
                                    reason=f"exact tiling with {tile_size} px tiles was asked for")
-    if model.use_tiling:
+    big = model._is_large_latent(t) if kind == "decode" else model._is_large_sample(t)
+    if model.use_tiling and big:  # the user chose tiling on this model: honour it
         plan = dataclasses.replace(plan, tiled=True, tile_size=model.tile_sample_min_size,
                                    method=model.tiling_method, reason="tiling was enabled on the model")
     logger.info("%s %s in %s: %s", kind, tuple(t.shape), str(run_dtype).replace("torch.", ""), plan.reason)
 
     def attempt(p: Plan, d: torch.dtype) -> torch.Tensor:
+        nonlocal plan
+        if d != run_dtype and not p.tiled:  # the fp32 retry of a half run needs twice the memory
+            p = plan = _plan(kind, model, t, d, free_bytes)
         with precision.cast_model(model, d):
             inp = t.to(d)
             try:
@@ -262,7 +264,6 @@ def _run(kind: str, model, t: torch.Tensor, dtype: Optional[torch.dtype], force_
             retry_tile = smaller[0] if p.tiled else 512
             logger.warning("%s ran out of memory (%s); retrying with exact tiling, %d px tiles",
                            kind, "tiled" if p.tiled else "untiled", retry_tile)
-            nonlocal plan
             plan = dataclasses.replace(p, tiled=True, tile_size=retry_tile, method="exact",
                                        reason="retried tiled after running out of memory")
             return attempt(plan, d)

@@ -114,3 +114,13 @@ def test_user_tiling_on_the_model_is_honoured():
     assert report["tiled"] and report["method"] == "blend" and report["tile_size"] == 32
     with torch.no_grad():
         torch.testing.assert_close(out, model.tiled_decode(z).sample, rtol=0, atol=0)
+
+
+def test_model_tiling_only_applies_to_inputs_larger_than_a_tile():
+    model = tiny_vae()
+    model.enable_tiling(method="exact", tile_sample_min_size=512)
+    z = torch.randn(1, 4, 9, 13)  # 72x104 px: smaller than one 512 px tile
+    out, report = planner.run_decode(model, z, free_bytes=2**40)
+    assert report["tiled"] is False
+    with torch.no_grad():
+        torch.testing.assert_close(out, model._pixels(z), rtol=0, atol=0)
