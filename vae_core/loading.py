@@ -92,7 +92,8 @@ def read_state_dict(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
             f"Detail: {str(err).splitlines()[0]}"
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, AttributeError,
-            IndexError, TypeError, OverflowError) as err:  # a damaged pickle stream fails in many ways
+            IndexError, TypeError, OverflowError, AssertionError) as err:
+        # a damaged pickle stream fails in many ways; torch's weights-only unpickler even asserts
         raise VAELoadError(f"{p}: corrupt or truncated checkpoint: {type(err).__name__}: {err}") from err
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
