@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import CONFIGS, assert_close_fp32, make_pair
+from core_helpers import CONFIGS, assert_close_fp32, make_pair
 
 from vae_core import AutoencoderKL, AutoencoderKLConfig
 from vae_core import convert

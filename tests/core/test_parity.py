@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CONFIGS, assert_close_fp32, make_pair
+from core_helpers import CONFIGS, assert_close_fp32, make_pair
 
 
 @pytest.fixture

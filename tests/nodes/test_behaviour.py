@@ -205,7 +205,7 @@ def test_set_attention_processor_rejects_unknown_names(nc, loader):
 
 
 def test_cache_loads_once_and_reloads_on_mtime_or_size_change(nc, pack, vae_dir):
-    from conftest import make_tiny
+    from tiny_vaes import make_tiny
 
     cache = pack.nodes.cache.MODELS
     path = vae_dir / "akl_cache.safetensors"
@@ -248,7 +248,7 @@ def test_weights_go_through_the_hosts_memory_manager(nc, loader, latent):
 
 def test_nodes_work_under_the_hosts_inference_mode(host, nc, pack, vae_dir, image):
     """The host executes nodes inside torch.inference_mode: load and run there, as on the server."""
-    from conftest import make_tiny
+    from tiny_vaes import make_tiny
 
     make_tiny(pack, seed=9).save_single_file(vae_dir / "akl_infmode.safetensors")
     with torch.inference_mode():

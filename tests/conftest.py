@@ -1,0 +1,43 @@
+"""Session fixtures shared by tests/nodes and tests/hostile: the host imported in-process with CPU
+semantics, and this repository imported as a package the way the host imports a custom node folder."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COMFY_DIR = REPO / ".host" / "ComfyUI"
+PACK_NAME = "comfyui_autoencoderkl_under_test"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def host():
+    """The host's `nodes` module (ComfyUI 0.3.75 from scripts/setup.sh), imported with --cpu."""
+    if not (COMFY_DIR / "nodes.py").is_file():
+        pytest.skip(f"ComfyUI host not installed at {COMFY_DIR} (run scripts/setup.sh)")
+    if str(COMFY_DIR) not in sys.path:
+        sys.path.insert(0, str(COMFY_DIR))
+    from comfy.cli_args import args
+
+    args.cpu = True  # before comfy.model_management is imported: the CUDA build has no device here
+    import nodes as host_nodes
+
+    return host_nodes
+
+
+@pytest.fixture(scope="session")
+def pack(host):
+    """This repository imported as a package, as the host imports a custom node folder."""
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(PACK_NAME, REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = mod
+    spec.loader.exec_module(mod)
+    return mod
