@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import Attention, AttnProcessor, AttnProcessorBase, SlicedAttnProcessor
-from .layers import ResnetBlock2D
+from .layers import ResnetBlock2D, subpixel_weights
 
 logger = logging.getLogger(__name__)
 
@@ -162,22 +162,6 @@ class DownNode(Node):
     def compute(self, ins, r):
         w = self.conv.weight
         return F.conv2d(ins[0].to(w.dtype), w, self.conv.bias, stride=2)
-
-
-# Rows of the 3x3 kernel that land on low-res rows (i-1, i) for output phase 0 and (i, i+1) for
-# phase 1 after nearest-2x upsampling.
-_PHASE_FOLD = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
-
-
-def subpixel_weights(conv: torch.nn.Conv2d) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Fold a 3x3 conv that follows nearest-2x upsampling into one (4*Cout, Cin, 2, 2) conv on the
-    low-res input; output channels are ordered (row phase, col phase, Cout). Folded in float64."""
-    w = conv.weight.detach().double()  # (Cout, Cin, 3, 3)
-    fold = torch.tensor(_PHASE_FOLD, dtype=torch.float64, device=w.device)  # (phase, 2, 3)
-    k = torch.einsum("apk,oikl,bql->aboipq", fold, w, fold)  # (2, 2, Cout, Cin, 2, 2)
-    k = k.reshape(4 * w.shape[0], w.shape[1], 2, 2).to(conv.weight.dtype)
-    bias = None if conv.bias is None else conv.bias.detach().repeat(4)
-    return k, bias
 
 
 class UpNode(Node):
