@@ -1,13 +1,12 @@
 """Running vae_core from the nodes: IMAGE/LATENT conversion, device and dtype, the host's memory
 manager, progress bars, cancel, and a run report for the UI.
 
-No VAE maths here: encode/decode/tiling are vae_core's. When the core's planner
-(`vae_core/planner.py`, run_encode/run_decode) is present, untiled runs go through it.
+No VAE maths here: encode/decode/tiling are vae_core's. Untiled runs go through the core's
+planner (`vae_core/planner.py`, run_encode/run_decode), which tiles when memory is short.
 """
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -17,7 +16,8 @@ import torch
 import comfy.model_management as mm
 import comfy.utils
 
-from ..vae_core import tiling
+from ..vae_core import planner, tiling
+from ..vae_core.exact_tiling import exact_tiled_decode, exact_tiled_encode
 from ..vae_core.distribution import DiagonalGaussianDistribution
 from . import grid
 from .vae_object import DTYPE_NAMES, AutoencoderKLVAE, outside_inference_mode
@@ -32,20 +32,8 @@ FALLBACK_TILE, FALLBACK_OVERLAP = 512, 64
 
 
 def tiling_methods() -> Tuple[str, ...]:
-    """"blend" always; "exact" when the core has exact tiling."""
-    try:
-        from ..vae_core import exact_tiling  # noqa: F401
-    except ImportError:
-        return grid.METHODS_ALWAYS
+    """The tiled nodes' `method` choices: diffusers' "blend" and the core's "exact"."""
     return grid.METHODS_ALWAYS + ("exact",)
-
-
-def _planner():
-    try:
-        from ..vae_core import planner
-    except ImportError:
-        return None
-    return planner
 
 
 # -- IMAGE / LATENT <-> tensors -------------------------------------------------------------
@@ -115,24 +103,9 @@ class _Measure:
         self.peak = int(torch.cuda.max_memory_allocated(self.device)) if self.cuda else None
 
 
-def _call_accepting(fn, *args, **kwargs):
-    """Call fn with only the keyword arguments its signature takes."""
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return fn(*args, **kwargs)
-
-
 def _fp32_copy(core):
     """A float32 copy of the core for a retry; the shared model keeps its dtype."""
     return copy.deepcopy(core).float()
-
-
-def _chunk_size(vae: AutoencoderKLVAE, per_item: float) -> int:
-    if vae.device.type == "cpu":
-        return 1 << 30
-    free = mm.get_free_memory(vae.device)
-    return max(1, int(free // max(1.0, per_item)))
 
 
 def _report(direction: str, vae: AutoencoderKLVAE, batch: int, h: int, w: int, tile: Optional[Dict[str, Any]],
@@ -206,10 +179,7 @@ def _check_output(t: torch.Tensor, direction: str, inp: torch.Tensor) -> None:
 
 def available_ram() -> Optional[int]:
     """Bytes of system memory the server may still take (MemAvailable), None when unknown."""
-    planner = _planner()
-    if planner is not None:
-        return planner.free_memory(torch.device("cpu"))
-    return None
+    return planner.free_memory(torch.device("cpu"))
 
 
 # Use at most this fraction of the available system memory for one run; the rest is the host's
@@ -232,7 +202,6 @@ def _needed_ram(direction: str, vae: AutoencoderKLVAE, shape, tile: Optional[Dic
     on_cpu = vae.device.type == "cpu"
     if not on_cpu:  # device memory is the planner's (a CUDA OOM raises and is retried tiled)
         return 2 * out, "on " + str(vae.device)
-    planner = _planner()
     if tile is not None and tile["method"] == "blend":
         g = grid.tile_grid(px_h, px_w, tile["tile_size"], tile["overlap"], "blend", cfg.latent_channels,
                            cfg.block_out_channels[0], dsize, b, direction, f)
@@ -240,8 +209,6 @@ def _needed_ram(direction: str, vae: AutoencoderKLVAE, shape, tile: Optional[Dic
         t, o = tile["tile_size"], tile["overlap"]
         outputs = (t / max(1, t - o)) ** 2 * out * dsize / 4
         return int(g["estimated_bytes"] + outputs + 2 * out), f"blend-tiled in {t} px tiles"
-    if planner is None:
-        return int(grid.estimate_bytes(direction, b, px_h, px_w, cfg.block_out_channels[0], dsize) + out), "untiled"
     dtype = vae.vae_dtype
     if tile is not None:
         t = tile["tile_size"]
@@ -286,8 +253,6 @@ def _moments(core, x: torch.Tensor, f: int, tile: Optional[Dict[str, Any]], cb) 
         cb(1, 1)
         return out
     if tile["method"] == "exact":
-        from ..vae_core.exact_tiling import exact_tiled_encode
-
         return exact_tiled_encode(core, x, tile_size=t, callback=cb)
     # diffusers' blend tiling with integer pixels: tiles every t - o pixels, o // f latent rows cross-faded
     return tiling.blend_tiled(core._moments, x, t, t - o, o // f, (t - o) // f, cb)
@@ -337,26 +302,11 @@ def _encode_moments(vae, core, x, f, tile, total, report):
         report["tiles"] = total
         cb = progress_callback(total)
         return _moments(core, x.to(dev, dtype), f, tile, cb).to(vae.output_device), report
-    planner = _planner()
     try:
-        if planner is not None:
-            cb = progress_callback(1)
-            out, prep = _call_accepting(planner.run_encode, core, x.to(dev, dtype), dtype=dtype, callback=cb,
-                                        free_bytes=_free_bytes(vae))
-            _merge_planner_report(report, prep)
-            if out.shape[1] == 2 * vae.latent_channels:
-                return out.to(vae.output_device), report
-            # a planner that returns latents only: the posterior is then deterministic
-            return torch.cat([out, torch.full_like(out, -30.0)], 1).to(vae.output_device), report
-        per_item = report["estimated_bytes"] / max(1, x.shape[0])
-        n = _chunk_size(vae, per_item)
-        chunks = list(x.split(n))
-        cb = progress_callback(len(chunks))
-        outs = []
-        for i, c in enumerate(chunks):
-            outs.append(core.encode(c.to(dev, dtype)).latent_dist.parameters.to(vae.output_device))
-            cb(i + 1, len(chunks))
-        return torch.cat(outs), report
+        out, prep = planner.run_encode(core, x.to(dev, dtype), dtype=dtype, callback=progress_callback(1),
+                                       free_bytes=_free_bytes(vae))
+        _merge_planner_report(report, prep)
+        return out.to(vae.output_device), report
     except OOM_ERRORS:
         logger.warning("AutoencoderKL encode ran out of memory; retrying with %d px blend tiles", FALLBACK_TILE)
     mm.soft_empty_cache()
@@ -380,8 +330,6 @@ def _pixels(core, z: torch.Tensor, f: int, tile: Optional[Dict[str, Any]], cb) -
         cb(1, 1)
         return out
     if tile["method"] == "exact":
-        from ..vae_core.exact_tiling import exact_tiled_decode
-
         return exact_tiled_decode(core, z, tile_size=t, callback=cb)
     # diffusers' blend tiling with integer pixels: latent tiles of t // f every (t - o) // f, o pixels cross-faded
     return tiling.blend_tiled(core._pixels, z, t // f, (t - o) // f, o, t - o, cb)
@@ -426,23 +374,11 @@ def _decode_pixels(vae, core, samples, f, tile, total, report):
         report["tiles"] = total
         cb = progress_callback(total)
         return _pixels(core, samples.to(dev, dtype), f, tile, cb).to(vae.output_device), report
-    planner = _planner()
     try:
-        if planner is not None:
-            cb = progress_callback(1)
-            out, prep = _call_accepting(planner.run_decode, core, samples.to(dev, dtype), dtype=dtype, callback=cb,
-                                        free_bytes=_free_bytes(vae))
-            _merge_planner_report(report, prep)
-            return out.to(vae.output_device), report
-        per_item = report["estimated_bytes"] / max(1, samples.shape[0])
-        n = _chunk_size(vae, per_item)
-        chunks = list(samples.split(n))
-        cb = progress_callback(len(chunks))
-        outs = []
-        for i, c in enumerate(chunks):
-            outs.append(core.decode(c.to(dev, dtype)).sample.to(vae.output_device))
-            cb(i + 1, len(chunks))
-        return torch.cat(outs), report
+        out, prep = planner.run_decode(core, samples.to(dev, dtype), dtype=dtype, callback=progress_callback(1),
+                                       free_bytes=_free_bytes(vae))
+        _merge_planner_report(report, prep)
+        return out.to(vae.output_device), report
     except OOM_ERRORS:
         logger.warning("AutoencoderKL decode ran out of memory; retrying with %d px blend tiles", FALLBACK_TILE)
     mm.soft_empty_cache()
