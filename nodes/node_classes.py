@@ -227,7 +227,16 @@ def _check_tiles(tile_size, overlap, method: Optional[str] = None):
     return err
 
 
-class AutoencoderKLEncodeTiled:
+class _TiledNode:
+    """What both tiled nodes share: tile settings are validated before the run, never rewritten."""
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, tile_size=None, overlap=None, method=None):
+        err = _check_tiles(tile_size, overlap, method)
+        return True if err is None else err
+
+
+class AutoencoderKLEncodeTiled(_TiledNode):
     DESCRIPTION = ("Encodes images tile by tile, for images too large to encode at once. Shows the tile grid and "
                    "progress per tile; Cancel stops it within one tile.")
     CATEGORY = CATEGORY
@@ -240,11 +249,6 @@ class AutoencoderKLEncodeTiled:
     def INPUT_TYPES(cls):
         return _tiled_inputs("pixels", "IMAGE", PIXELS_IN_TOOLTIP)
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, tile_size=None, overlap=None, method=None):
-        err = _check_tiles(tile_size, overlap, method)
-        return True if err is None else err
-
     def encode(self, pixels, vae, tile_size: int, overlap: int, method: str = "blend"):
         err = _check_tiles(tile_size, overlap, method)
         if err:
@@ -256,7 +260,7 @@ class AutoencoderKLEncodeTiled:
         return {"ui": {"akl_grid": [g], "akl_run": [report]}, "result": ({"samples": z},)}
 
 
-class AutoencoderKLDecodeTiled:
+class AutoencoderKLDecodeTiled(_TiledNode):
     DESCRIPTION = ("Decodes latents tile by tile, for images too large to decode at once. Shows the tile grid and "
                    "progress per tile; Cancel stops it within one tile.")
     CATEGORY = CATEGORY
@@ -268,11 +272,6 @@ class AutoencoderKLDecodeTiled:
     @classmethod
     def INPUT_TYPES(cls):
         return _tiled_inputs("samples", "LATENT", LATENT_IN_TOOLTIP)
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, tile_size=None, overlap=None, method=None):
-        err = _check_tiles(tile_size, overlap, method)
-        return True if err is None else err
 
     def decode(self, samples, vae, tile_size: int, overlap: int, method: str = "blend"):
         err = _check_tiles(tile_size, overlap, method)
