@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .norm import GroupNorm
+
 NORM_EPS = 1e-6
 
 
@@ -28,7 +30,7 @@ class Attention(nn.Module):
         self.channels = channels
         self.heads = 1  # every KL-VAE uses a single head as wide as the mid block
         self.scale = 1.0 / math.sqrt(channels)
-        self.group_norm = nn.GroupNorm(groups, channels, eps=NORM_EPS, affine=True)
+        self.group_norm = GroupNorm(groups, channels, eps=NORM_EPS, affine=True)
         self.to_q = nn.Linear(channels, channels, bias=True)
         self.to_k = nn.Linear(channels, channels, bias=True)
         self.to_v = nn.Linear(channels, channels, bias=True)

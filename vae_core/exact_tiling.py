@@ -12,8 +12,8 @@ untiled layer would zero-pad, so a tile is computed with just the halo its convo
 
 A GroupNorm needs the mean and variance of its whole input, so the graph is run as a sequence
 of *passes*, one per GroupNorm in network order. Pass k evaluates the norm's input tile by tile
-and merges per-tile (count, mean, M2) per (batch, group) with Chan et al.'s parallel update in
-float64; the resulting biased variance is what torch's GroupNorm uses (eps=1e-6). Later passes
+and merges per-tile (count, mean, M2) per (batch, group) in float64 (`norm.GroupStats`, the same
+code the untiled model's GroupNorm uses); the variance is biased, as torch's GroupNorm uses. Later passes
 reuse those statistics. A pass may also *store* its tensor, in horizontal bands, to become a
 checkpoint that later passes start from; everything between checkpoints is recomputed per tile.
 Which tensors are stored is a memory/time trade (`store_fraction`): resnet outputs are always
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .attention import Attention, AttnProcessor, AttnProcessorBase, SlicedAttnProcessor
 from .layers import ResnetBlock2D, subpixel_weights
+from .norm import GroupStats, apply_group_norm
 
 logger = logging.getLogger(__name__)
 
@@ -217,18 +218,7 @@ class NormActNode(Node):
     def compute(self, ins, r):
         if self.stats is None:
             raise AssertionError("GroupNorm statistics used before the pass that computes them")
-        x = ins[0]
-        b, c = x.shape[:2]
-        g = self.norm.num_groups
-        mean, rstd = self.stats
-        gamma = self.norm.weight.double().view(1, g, c // g)
-        beta = self.norm.bias.double().view(1, g, c // g)
-        scale = rstd[:, :, None] * gamma  # (B, G, C/G)
-        shift = beta - mean[:, :, None] * scale
-        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        scale = scale.reshape(b, c, 1, 1).to(acc)
-        shift = shift.reshape(b, c, 1, 1).to(acc)
-        y = torch.addcmul(shift, x.to(acc), scale).to(x.dtype)  # (B, C, h, w)
+        y = apply_group_norm(ins[0], *self.stats, self.norm)
         return self.act(y) if self.act is not None else y
 
 
@@ -386,42 +376,6 @@ class BandedStore:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
-class GroupStats:
-    """Per-(batch, group) count, mean and M2, merged across tiles with Chan et al. (1979)."""
-
-    def __init__(self, batch: int, groups: int, device):
-        self.groups = groups
-        self.n = 0
-        self.mean = torch.zeros(batch, groups, dtype=torch.float64, device=device)
-        self.m2 = torch.zeros(batch, groups, dtype=torch.float64, device=device)
-
-    def add(self, t: torch.Tensor) -> None:
-        b, c, h, w = t.shape
-        if h * w == 0:
-            return
-        # per channel in fp32 with torch's batch-norm statistics kernel (one pass, ~20x faster than
-        # var_mean on CPU; needs a dense tensor), then the C/G channels of each group are merged
-        # exactly: equal counts, so M2_group = sum M2_c + hw * sum (mean_c - mean_group)^2
-        t = t.float().contiguous(memory_format=_format_of(t))
-        per_item = [torch.batch_norm_update_stats(t[i : i + 1], None, None, 0.0) for i in range(b)]
-        mean_c = torch.stack([m for m, _ in per_item])  # (B, C)
-        var_c = torch.stack([v for _, v in per_item])  # biased
-        mean_c = mean_c.double().view(b, self.groups, c // self.groups)
-        m2_c = var_c.double().view(b, self.groups, c // self.groups) * (h * w)
-        mean_b = mean_c.mean(-1)
-        m2_b = m2_c.sum(-1) + (h * w) * (mean_c - mean_b[..., None]).pow(2).sum(-1)
-        nb = (c // self.groups) * h * w
-        n = self.n + nb
-        delta = mean_b - self.mean
-        self.mean += delta * (nb / n)
-        self.m2 += m2_b + delta * delta * (self.n * nb / n)
-        self.n = n
-
-    def finish(self, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        var = self.m2 / self.n  # biased, as torch's GroupNorm
-        return self.mean.clone(), torch.rsqrt(var + eps)
-
-
 # -- attention ---------------------------------------------------------------------------
 
 
@@ -563,7 +517,7 @@ class _ExactRun:
         out = proc(node.attn, h.to(node.attn.to_q.weight.dtype))
         node.store = BandedStore.wrap(out)
         if any(isinstance(c, NormActNode) and c.inputs[0] is node for c in self.nodes):
-            stats = GroupStats(b, self._norm_of(node).num_groups, out.device)
+            stats = GroupStats(b, self._norm_of(node).num_groups)
             stats.add(out)
             self._set_stats(node, stats)
         self._tick()
@@ -573,7 +527,7 @@ class _ExactRun:
 
     def _run_pass(self, node: Node, what: str, live_after: set) -> None:
         rows, cols = self._grid(node)
-        stats = GroupStats(self.batch, self._norm_of(node).num_groups, self.device) if "stats" in what else None
+        stats = GroupStats(self.batch, self._norm_of(node).num_groups) if "stats" in what else None
         store = None
         if "store" in what:
             store = BandedStore((self.batch, node.channels) + tuple(node.size), rows, self.dtype, self.device)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
+from .norm import GroupNorm
 
 # GroupNorm epsilon used by every SD-family VAE (diffusers' resnet_eps, LDM's Normalize).
 NORM_EPS = 1e-6
@@ -53,8 +54,8 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ValueError(f"act_fn {name!r} is not supported; choose one of {sorted(ACTIVATIONS)}") from None
 
 
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=NORM_EPS, affine=True)
+def group_norm(channels: int, groups: int) -> GroupNorm:
+    return GroupNorm(num_groups=groups, num_channels=channels, eps=NORM_EPS, affine=True)
 
 
 class ResnetBlock2D(nn.Module):

@@ -4,8 +4,9 @@ import torch
 
 from vae_core import AutoencoderKL
 from vae_core import exact_tiling
-from vae_core.exact_tiling import GroupStats, UpNode, InputNode, exact_tiled_decode, exact_tiled_encode
+from vae_core.exact_tiling import UpNode, InputNode, exact_tiled_decode, exact_tiled_encode
 from vae_core.layers import Upsample2D
+from vae_core.norm import GroupStats
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
@@ -144,7 +145,7 @@ def test_subpixel_upsample_equals_nearest_then_conv():
 
 def test_pooled_group_stats_equal_whole_tensor_stats():
     t = torch.randn(2, 8, 13, 17) * 3 + 5  # offset mean: a naive sum-of-squares would lose digits
-    stats = GroupStats(2, 4, t.device)
+    stats = GroupStats(2, 4)
     for rows in ((0, 4), (4, 5), (5, 13)):
         for cols in ((0, 9), (9, 17)):
             stats.add(t[:, :, rows[0]:rows[1], cols[0]:cols[1]])
