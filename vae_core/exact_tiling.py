@@ -39,7 +39,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .attention import Attention, AttnProcessor, AttnProcessorBase, SlicedAttnProcessor
+from .attention import (Attention, AttnProcessor, AttnProcessorBase, SlicedAttnProcessor, attention_progress,
+                        progress_steps)
 from .layers import ResnetBlock2D, subpixel_weights
 from .norm import GroupStats, apply_group_norm
 
@@ -415,7 +416,8 @@ class _ExactRun:
         self.store_limit = store_fraction * max(n.channels * n.size[0] * n.size[1] for n in self.nodes
                                                 if isinstance(n, AddNode))
         self.passes = self._plan()
-        self.tiles_total = sum(1 if what == "attn" else (len(self._grid(n)[0]) - 1) * (len(self._grid(n)[1]) - 1)
+        self.tiles_total = sum(self._attention_steps(n) if what == "attn"
+                               else (len(self._grid(n)[0]) - 1) * (len(self._grid(n)[1]) - 1)
                                for n, what in self.passes)
 
     # planning
@@ -441,6 +443,12 @@ class _ExactRun:
             if stats or store:
                 passes.append((n, "stats+store" if stats and store else ("stats" if stats else "store")))
         return passes
+
+    def _processor(self, node: "AttentionNode") -> AttnProcessorBase:
+        return safe_attention_processor(node.attn, node.size[0] * node.size[1], self.batch)
+
+    def _attention_steps(self, node: "AttentionNode") -> int:
+        return progress_steps(self._processor(node), node.size[0] * node.size[1])
 
     @staticmethod
     def _size(n: Node) -> int:
@@ -512,15 +520,19 @@ class _ExactRun:
 
     def _run_attention(self, node: AttentionNode, live_after: set) -> None:
         h = node.inputs[0].store.whole()
-        b, c, hh, ww = h.shape
-        proc = safe_attention_processor(node.attn, hh * ww, b)
-        out = proc(node.attn, h.to(node.attn.to_q.weight.dtype))
+        b = h.shape[0]
+        proc = self._processor(node)
+        # one progress step (and cancel point) per chunk of queries: the whole-latent attention
+        # of a 4096^2 decode is minutes of work
+        with attention_progress(node.attn, lambda done, steps: self._tick()):
+            out = proc(node.attn, h.to(node.attn.to_q.weight.dtype))
+        if not isinstance(proc, AttnProcessorBase):
+            self._tick()
         node.store = BandedStore.wrap(out)
         if any(isinstance(c, NormActNode) and c.inputs[0] is node for c in self.nodes):
             stats = GroupStats(b, self._norm_of(node).num_groups)
             stats.add(out)
             self._set_stats(node, stats)
-        self._tick()
         for n in self.nodes:
             if n.store is not None and n is not self.inp and n is not node and id(n) not in live_after:
                 n.store = None

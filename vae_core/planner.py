@@ -4,16 +4,18 @@ It decides and runs; the maths of tiling lives in `exact_tiling.py`, dtype polic
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
 from . import precision
-from .attention import AttnProcessor
+from .attention import Attention, AttnProcessor, AttnProcessorBase, attention_progress, progress_steps
 from .config import AutoencoderKLConfig
+from .layers import Downsample2D, ResnetBlock2D, Upsample2D
 
 logger = logging.getLogger(__name__)
 
@@ -223,12 +225,42 @@ def _execute(kind: str, model, t: torch.Tensor, plan: Plan, callback) -> torch.T
     if plan.tiled:
         fn = exact_tiled_decode if kind == "decode" else exact_tiled_encode
         return fn(model, t, tile_size=plan.tile_size, callback=callback, **model.tiling_options)
-    if callback is not None:
-        callback(0, 1)
-    out = model._pixels(t) if kind == "decode" else model._moments(t)
-    if callback is not None:
-        callback(1, 1)
-    return out
+    with layer_progress(kind, model, t, callback):
+        return model._pixels(t) if kind == "decode" else model._moments(t)
+
+
+@contextlib.contextmanager
+def layer_progress(kind: str, model, t: torch.Tensor, callback: Optional[Callable[[int, int], None]]) -> Iterator[int]:
+    """Within the block, an untiled `kind` of `t` calls callback(done, total) after each resnet,
+    up/down-sampler and chunk of attention queries (a cancel point every few seconds even at
+    2048^2, where the whole run is minutes). Yields total (0 without a callback)."""
+    if callback is None:
+        yield 0
+        return
+    part = model.decoder if kind == "decode" else model.encoder
+    layers = [m for m in part.modules() if isinstance(m, (ResnetBlock2D, Upsample2D, Downsample2D))]
+    attentions = [m for m in part.modules() if isinstance(m, Attention)]
+    h, w = t.shape[-2:]
+    if kind == "encode":  # the mid block runs at the encoder's lowest resolution
+        for _ in (m for m in part.modules() if isinstance(m, Downsample2D)):
+            h, w = (h - 2) // 2 + 1, (w - 2) // 2 + 1
+    total = len(layers) + sum(progress_steps(a.processor, h * w) for a in attentions)
+    done = 0
+
+    def tick(*_args) -> None:
+        nonlocal done
+        done += 1
+        callback(done, total)
+
+    callback(0, total)
+    with contextlib.ExitStack() as stack:
+        for a in attentions:
+            stack.enter_context(attention_progress(a, tick))
+            if not isinstance(a.processor, AttnProcessorBase):
+                stack.callback(a.register_forward_hook(tick).remove)  # a foreign processor: one step
+        for m in layers:
+            stack.callback(m.register_forward_hook(tick).remove)
+        yield total
 
 
 def _run(kind: str, model, t: torch.Tensor, dtype: Optional[torch.dtype], force_upcast: Optional[bool],

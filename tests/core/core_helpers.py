@@ -60,3 +60,20 @@ def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.shape == expected.shape
     scale = expected.abs().max().item()
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(scale, 1.0))
+
+
+def tiny_vae(seed: int = 0):
+    """A 4-level random-weight VAE (8/16/32/32, 4 groups) with non-trivial GroupNorm affines."""
+    from vae_core import AutoencoderKL
+
+    torch.manual_seed(seed)
+    model = AutoencoderKL(
+        block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, layers_per_block=1, latent_channels=4,
+    ).eval()
+    # non-trivial GroupNorm affines, so wrong statistics cannot hide behind gamma=1, beta=0
+    for m in model.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            m.weight.data.normal_(1.0, 0.3)
+            m.bias.data.normal_(0.0, 0.3)
+    return model

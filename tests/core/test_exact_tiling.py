@@ -8,19 +8,9 @@ from vae_core.exact_tiling import UpNode, InputNode, exact_tiled_decode, exact_t
 from vae_core.layers import Upsample2D
 from vae_core.norm import GroupStats
 
+from core_helpers import tiny_vae
 
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    model = AutoencoderKL(
-        block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, layers_per_block=1, latent_channels=4,
-    ).eval()
-    # non-trivial GroupNorm affines, so wrong statistics cannot hide behind gamma=1, beta=0
-    for m in model.modules():
-        if isinstance(m, torch.nn.GroupNorm):
-            m.weight.data.normal_(1.0, 0.3)
-            m.bias.data.normal_(0.0, 0.3)
-    return model
+
 
 
 def assert_fp32_close(out, ref):
