@@ -1,7 +1,8 @@
 """One 4096x4096 decode of an SD-size VAE (random weights, fp32, CPU) through the memory planner.
 
 Untiled this needs ~48 GiB by the planner's estimate (the host's decode ~100 GB), so the planner must
-choose exact tiling. Prints the plan, progress, wall time and the process's peak RSS.
+choose exact tiling. Prints the plan, progress, wall time, the process's peak RSS and the longest time between two progress
+calls (how long a Cancel can take to land).
 
     python benchmarks/bench_4096.py [--size 4096]
 """
@@ -36,16 +37,21 @@ def main() -> None:
     plan = planner.plan_decode(model, z)
     print(f"plan: {plan}", flush=True)
     t0 = time.perf_counter()
+    last = [t0, 0.0]  # time of the previous progress call, longest gap between two
 
     def progress(done: int, total: int) -> None:
-        print(f"  {done}/{total} tiles, {time.perf_counter() - t0:.0f} s", flush=True)
+        now = time.perf_counter()
+        last[1] = max(last[1], now - last[0])
+        last[0] = now
+        print(f"  {done}/{total} steps, {now - t0:.0f} s", flush=True)
 
     out, report = planner.run_decode(model, z, callback=progress)
     seconds = time.perf_counter() - t0
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     finite = bool(torch.isfinite(out).all())
     print(f"decode {args.size}x{args.size}: {seconds:.0f} s, peak RSS {peak_gib:.2f} GiB, output {tuple(out.shape)}, "
-          f"finite={finite}; report {report}", flush=True)
+          f"finite={finite}; longest gap between progress calls (cancel latency) {last[1]:.1f} s; report {report}",
+          flush=True)
 
 
 if __name__ == "__main__":

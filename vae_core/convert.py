@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 StateDict = Dict[str, torch.Tensor]
 
 # -- key tables --------------------------------------------------------------------------
-# Each row: (LDM regex, diffusers template). `{n}` in the template is filled from the regex
-# group; decoder up-block indices are reversed separately (LDM counts from the top level).
+# One table serves both directions. Each row pairs an LDM key with its diffusers key; a {field}
+# stands for a key segment whose spelling in each layout is given by _FIELDS.
 
 _RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 _ATTN_PARTS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
@@ -27,31 +27,48 @@ _TOP_PARTS = {"conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "co
 # Very old diffusers checkpoints named the attention projections differently.
 _OLD_DIFFUSERS_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
-_LDM_ROWS = [
-    (re.compile(r"^(encoder|decoder)\.(conv_in|norm_out|conv_out)\.(weight|bias)$"), "top"),
-    (re.compile(r"^encoder\.down\.(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)$"), "enc_resnet"),
-    (re.compile(r"^encoder\.down\.(\d+)\.downsample\.conv\.(weight|bias)$"), "enc_down"),
-    (re.compile(r"^decoder\.up\.(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)$"), "dec_resnet"),
-    (re.compile(r"^decoder\.up\.(\d+)\.upsample\.conv\.(weight|bias)$"), "dec_up"),
-    (re.compile(r"^(encoder|decoder)\.mid\.block_([12])\.(\w+)\.(weight|bias)$"), "mid_resnet"),
-    (re.compile(r"^(encoder|decoder)\.mid\.attn_1\.(\w+)\.(weight|bias)$"), "mid_attn"),
-    (re.compile(r"^(quant_conv|post_quant_conv)\.(weight|bias)$"), "quant"),
+_ROWS = [
+    ("{side}.{top}.{p}", "{side}.{top}.{p}"),
+    ("encoder.down.{n}.block.{n2}.{res}.{p}", "encoder.down_blocks.{n}.resnets.{n2}.{res}.{p}"),
+    ("encoder.down.{n}.downsample.conv.{p}", "encoder.down_blocks.{n}.downsamplers.0.conv.{p}"),
+    ("decoder.up.{up}.block.{n2}.{res}.{p}", "decoder.up_blocks.{up}.resnets.{n2}.{res}.{p}"),
+    ("decoder.up.{up}.upsample.conv.{p}", "decoder.up_blocks.{up}.upsamplers.0.conv.{p}"),
+    ("{side}.mid.block_{mid}.{res}.{p}", "{side}.mid_block.resnets.{mid}.{res}.{p}"),
+    ("{side}.mid.attn_1.{attn}.{p}", "{side}.mid_block.attentions.0.{attn}.{p}"),
+    ("{quant}.{p}", "{quant}.{p}"),
 ]
 
-_DIFFUSERS_ROWS = [
-    (re.compile(r"^(encoder|decoder)\.(conv_in|conv_norm_out|conv_out)\.(weight|bias)$"), "top"),
-    (re.compile(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(weight|bias)$"), "enc_resnet"),
-    (re.compile(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)$"), "enc_down"),
-    (re.compile(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(weight|bias)$"), "dec_resnet"),
-    (re.compile(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)$"), "dec_up"),
-    (re.compile(r"^(encoder|decoder)\.mid_block\.resnets\.([01])\.(\w+)\.(weight|bias)$"), "mid_resnet"),
-    (re.compile(r"^(encoder|decoder)\.mid_block\.attentions\.0\.([\w.]+)\.(weight|bias)$"), "mid_attn"),
-    (re.compile(r"^(quant_conv|post_quant_conv)\.(weight|bias)$"), "quant"),
-]
 
-_INV_RESNET = {v: k for k, v in _RESNET_PARTS.items()}
-_INV_ATTN = {v: k for k, v in _ATTN_PARTS.items()}
-_INV_TOP = {v: k for k, v in _TOP_PARTS.items()}
+def _names(pairs: Dict[str, str]) -> Tuple[Dict[str, str], Dict[str, str]]:
+    return dict(pairs), {v: k for k, v in pairs.items()}
+
+
+_SAME = None  # a field spelt alike in both layouts
+# field -> (segment regex in LDM, in diffusers, LDM->diffusers, diffusers->LDM); None maps unchanged.
+# "up" is the decoder level, counted from the top in LDM and from the bottom in diffusers; the
+# mapping needs the number of levels, so it is a function of it.
+_FIELDS = {
+    "side": (r"encoder|decoder", r"encoder|decoder", _SAME, _SAME),
+    "p": (r"weight|bias", r"weight|bias", _SAME, _SAME),
+    "n": (r"\d+", r"\d+", _SAME, _SAME),
+    "n2": (r"\d+", r"\d+", _SAME, _SAME),
+    "quant": (r"quant_conv|post_quant_conv", r"quant_conv|post_quant_conv", _SAME, _SAME),
+    "top": ("|".join(_TOP_PARTS), "|".join(_TOP_PARTS.values()), *_names(_TOP_PARTS)),
+    "res": ("|".join(_RESNET_PARTS), "|".join(_RESNET_PARTS.values()), *_names(_RESNET_PARTS)),
+    "attn": ("|".join(_ATTN_PARTS), r"group_norm|to_q|to_k|to_v|to_out\.0", *_names(_ATTN_PARTS)),
+    "mid": (r"[12]", r"[01]", {"1": "0", "2": "1"}, {"0": "1", "1": "2"}),
+    "up": (r"\d+", r"\d+", "reverse", "reverse"),
+}
+
+
+def _compile(template: str, side: int) -> "re.Pattern[str]":
+    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
+    rx = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{_FIELDS[p][side]})" for i, p in enumerate(parts))
+    return re.compile(f"^{rx}$")
+
+
+# (pattern to match, template to fill) per direction: 0 = LDM -> diffusers, 1 = diffusers -> LDM
+_DIRECTIONS = tuple([(_compile(row[d], d), row[1 - d]) for row in _ROWS] for d in (0, 1))
 
 # Prefixes under which full checkpoints store the VAE.
 CHECKPOINT_PREFIXES = ("first_stage_model.", "vae.", "model.first_stage_model.")
@@ -70,87 +87,54 @@ def is_diffusers_layout(sd: StateDict) -> bool:
     return any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.")) for k in sd)
 
 
+def _rename_key(key: str, direction: int, levels: int) -> Optional[Tuple[str, Optional[str]]]:
+    """(new key, attention part or None) for `key`, or None when no row matches."""
+    for pattern, template in _DIRECTIONS[direction]:
+        m = pattern.match(key)
+        if not m:
+            continue
+        values = {}
+        for field, seg in m.groupdict().items():
+            mapping = _FIELDS[field][2 + direction]
+            values[field] = (seg if mapping is _SAME else str(levels - 1 - int(seg)) if mapping == "reverse"
+                             else mapping[seg])
+        return template.format(**values), values.get("attn")
+    return None
+
+
+def _convert(sd: StateDict, direction: int, levels: int) -> StateDict:
+    out: StateDict = {}
+    unknown: List[str] = []
+    for key, value in sd.items():
+        renamed = _rename_key(key, direction, levels)
+        if renamed is None:
+            unknown.append(key)
+            continue
+        new, attn = renamed
+        if attn is not None and attn not in ("norm", "group_norm") and new.endswith(".weight"):
+            # LDM stores the attention projections as 1x1 convs (C, C, 1, 1), diffusers as linears (C, C)
+            if direction == 0 and value.ndim == 4:
+                value = value[:, :, 0, 0]
+            elif direction == 1 and value.ndim == 2:
+                value = value[:, :, None, None]
+        out[new] = value
+    if unknown:
+        raise ValueError(f"unrecognised {('LDM', 'diffusers')[direction]} VAE keys: {_first(unknown)}")
+    return out
+
+
 def ldm_to_diffusers(sd: StateDict) -> StateDict:
     """Rename LDM keys to diffusers keys; 1x1-conv attention weights become linear weights.
 
     Raises ValueError naming the first keys it does not recognise.
     """
-    levels = _num_up_levels(sd, r"^decoder\.up\.(\d+)\.")
-    out: StateDict = {}
-    unknown: List[str] = []
-    for key, value in sd.items():
-        new = None
-        for pattern, kind in _LDM_ROWS:
-            m = pattern.match(key)
-            if not m:
-                continue
-            g = m.groups()
-            if kind == "top" and g[1] in _TOP_PARTS:
-                new = f"{g[0]}.{_TOP_PARTS[g[1]]}.{g[2]}"
-            elif kind == "enc_resnet" and g[2] in _RESNET_PARTS:
-                new = f"encoder.down_blocks.{g[0]}.resnets.{g[1]}.{_RESNET_PARTS[g[2]]}.{g[3]}"
-            elif kind == "enc_down":
-                new = f"encoder.down_blocks.{g[0]}.downsamplers.0.conv.{g[1]}"
-            elif kind == "dec_resnet" and g[2] in _RESNET_PARTS:
-                new = f"decoder.up_blocks.{levels - 1 - int(g[0])}.resnets.{g[1]}.{_RESNET_PARTS[g[2]]}.{g[3]}"
-            elif kind == "dec_up":
-                new = f"decoder.up_blocks.{levels - 1 - int(g[0])}.upsamplers.0.conv.{g[1]}"
-            elif kind == "mid_resnet" and g[2] in _RESNET_PARTS:
-                new = f"{g[0]}.mid_block.resnets.{int(g[1]) - 1}.{_RESNET_PARTS[g[2]]}.{g[3]}"
-            elif kind == "mid_attn" and g[1] in _ATTN_PARTS:
-                new = f"{g[0]}.mid_block.attentions.0.{_ATTN_PARTS[g[1]]}.{g[2]}"
-                if g[2] == "weight" and g[1] != "norm" and value.ndim == 4:
-                    value = value[:, :, 0, 0]  # (C, C, 1, 1) conv -> (C, C) linear
-            elif kind == "quant":
-                new = key
-            break
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
-    if unknown:
-        raise ValueError(f"unrecognised LDM VAE keys: {_first(unknown)}")
-    return out
+    return _convert(sd, 0, _num_up_levels(sd, r"^decoder\.up\.(\d+)\."))
 
 
 def diffusers_to_ldm(sd: StateDict) -> StateDict:
     """Rename diffusers keys to LDM keys; attention linear weights become (C, C, 1, 1) convs as LDM stores them."""
-    levels = _num_up_levels(sd, r"^decoder\.up_blocks\.(\d+)\.")
-    out: StateDict = {}
-    unknown: List[str] = []
-    for key, value in upgrade_old_diffusers_keys(sd).items():
-        new = None
-        for pattern, kind in _DIFFUSERS_ROWS:
-            m = pattern.match(key)
-            if not m:
-                continue
-            g = m.groups()
-            if kind == "top" and g[1] in _INV_TOP:
-                new = f"{g[0]}.{_INV_TOP[g[1]]}.{g[2]}"
-            elif kind == "enc_resnet" and g[2] in _INV_RESNET:
-                new = f"encoder.down.{g[0]}.block.{g[1]}.{_INV_RESNET[g[2]]}.{g[3]}"
-            elif kind == "enc_down":
-                new = f"encoder.down.{g[0]}.downsample.conv.{g[1]}"
-            elif kind == "dec_resnet" and g[2] in _INV_RESNET:
-                new = f"decoder.up.{levels - 1 - int(g[0])}.block.{g[1]}.{_INV_RESNET[g[2]]}.{g[3]}"
-            elif kind == "dec_up":
-                new = f"decoder.up.{levels - 1 - int(g[0])}.upsample.conv.{g[1]}"
-            elif kind == "mid_resnet" and g[2] in _INV_RESNET:
-                new = f"{g[0]}.mid.block_{int(g[1]) + 1}.{_INV_RESNET[g[2]]}.{g[3]}"
-            elif kind == "mid_attn" and g[1] in _INV_ATTN:
-                new = f"{g[0]}.mid.attn_1.{_INV_ATTN[g[1]]}.{g[2]}"
-                if g[2] == "weight" and g[1] != "group_norm" and value.ndim == 2:
-                    value = value[:, :, None, None]  # (C, C) linear -> (C, C, 1, 1) conv
-            elif kind == "quant":
-                new = key
-            break
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
-    if unknown:
-        raise ValueError(f"unrecognised diffusers VAE keys: {_first(unknown)}")
-    return out
+    sd = upgrade_old_diffusers_keys(sd)
+    return _convert(sd, 1, _num_up_levels(sd, r"^decoder\.up_blocks\.(\d+)\."))
 
 
 def upgrade_old_diffusers_keys(sd: StateDict) -> StateDict:
