@@ -6,7 +6,6 @@ planner (`vae_core/planner.py`, run_encode/run_decode), which tiles when memory 
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -23,13 +22,6 @@ from . import grid
 from .vae_object import DTYPE_NAMES, AutoencoderKLVAE, outside_inference_mode
 
 logger = logging.getLogger(__name__)
-
-# Only device out-of-memory errors trigger the tiled fallback (never Cancel or other errors).
-OOM_ERRORS = (getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError,)
-
-# Used when an untiled run runs out of device memory (the host falls back the same way).
-FALLBACK_TILE, FALLBACK_OVERLAP = 512, 64
-
 
 def tiling_methods() -> Tuple[str, ...]:
     """The tiled nodes' `method` choices: diffusers' "blend" and the core's "exact"."""
@@ -101,11 +93,6 @@ class _Measure:
             torch.cuda.synchronize(self.device)
         self.seconds = time.perf_counter() - self.t0
         self.peak = int(torch.cuda.max_memory_allocated(self.device)) if self.cuda else None
-
-
-def _fp32_copy(core):
-    """A float32 copy of the core for a retry; the shared model keeps its dtype."""
-    return copy.deepcopy(core).float()
 
 
 def _report(direction: str, vae: AutoencoderKLVAE, batch: int, h: int, w: int, tile: Optional[Dict[str, Any]],
@@ -240,13 +227,37 @@ def check_memory(direction: str, vae: AutoencoderKLVAE, shape, tile: Optional[Di
         "(e.g. crop or split the latent), a smaller tile, or a machine with more memory.")
 
 
+# -- running ---------------------------------------------------------------------------------
+
+
+def _prepare(direction: str, vae: AutoencoderKLVAE, shape, tile: Optional[Dict[str, Any]]
+             ) -> Tuple[Dict[str, Any], int]:
+    """Refuse what cannot fit in system memory, load the weights for the estimated working set, and
+    start the run report. shape: the input (B, C, H, W). Returns (report, progress total)."""
+    check_memory(direction, vae, tuple(shape), tile)
+    b = shape[0]
+    factor = vae.upscale_ratio if direction == "decode" else vae.downscale_ratio
+    scale = factor if direction == "decode" else 1  # decode's shape is the latent's
+    h, w = shape[-2] * scale, shape[-1] * scale
+    width = vae.core.config.block_out_channels[0]
+    dsize = mm.dtype_size(vae.vae_dtype)
+    if tile is not None:
+        g = grid.tile_grid(h, w, tile["tile_size"], tile["overlap"], tile["method"], vae.latent_channels, width,
+                           dsize, b, direction, factor)
+        estimated, total = g["estimated_bytes"], g["tiles"]
+    else:
+        estimated, total = grid.estimate_bytes(direction, b, h, w, width, dsize), 1
+    report = _report(direction, vae, b, h, w, tile, estimated)
+    vae.load_to_device(estimated)
+    vae.use_own_attention()
+    return report, total
+
+
 # -- encode ----------------------------------------------------------------------------------
 
 
-def _moments(core, x: torch.Tensor, f: int, tile: Optional[Dict[str, Any]], cb) -> torch.Tensor:
-    """Posterior parameters (B, 2C, h, w) for x (B, C, H, W) already on the device, in the core's dtype."""
-    if tile is None:
-        return core.encode(x).latent_dist.parameters
+def _moments(core, x: torch.Tensor, f: int, tile: Dict[str, Any], cb) -> torch.Tensor:
+    """A tiled node's posterior parameters (B, 2C, h, w) for x (B, C, H, W) on the device, in the core's dtype."""
     t, o = tile["tile_size"], tile["overlap"]
     if x.shape[-2] <= t and x.shape[-1] <= t:
         out = core.encode(x).latent_dist.parameters
@@ -266,26 +277,9 @@ def encode(vae: AutoencoderKLVAE, image: torch.Tensor, posterior: str = "mode", 
     f = vae.downscale_ratio
     check_input(image, "image")
     x = image_to_pixels(image, f, vae.input_channels)
-    b, _, h, w = x.shape
-    check_memory("encode", vae, tuple(x.shape), tile)
-    width = vae.core.config.block_out_channels[0]
-    dsize = mm.dtype_size(vae.vae_dtype)
-    if tile is not None:
-        g = grid.tile_grid(h, w, tile["tile_size"], tile["overlap"], tile["method"], vae.latent_channels, width,
-                           dsize, b, "encode", f)
-        estimated, total = g["estimated_bytes"], g["tiles"]
-    else:
-        estimated, total = grid.estimate_bytes("encode", b, h, w, width, dsize), 1
-    report = _report("encode", vae, b, h, w, tile, estimated)
-    vae.load_to_device(estimated)
-    vae.use_own_attention()
-    core = vae.core
+    report, total = _prepare("encode", vae, x.shape, tile)
     with _Measure(vae.device) as meas, outside_inference_mode():
-        moments, report = _encode_moments(vae, core, x, f, tile, total, report)
-        if not _finite(moments) and vae.vae_dtype != torch.float32:
-            logger.warning("AutoencoderKL encode: non-finite values in %s; retrying in fp32", report["dtype"])
-            moments, report = _encode_moments(vae, _fp32_copy(core), x, f, tile, total, report)
-            report["fp32_retry"] = True
+        moments = _run_planned("encode", vae, x, f, tile, total, report)
         _check_output(moments, "encode", x)
         dist = DiagonalGaussianDistribution(moments.to(vae.output_device).float())
         if posterior == "mode":
@@ -296,34 +290,31 @@ def encode(vae: AutoencoderKLVAE, image: torch.Tensor, posterior: str = "mode", 
     return z.contiguous(), report
 
 
-def _encode_moments(vae, core, x, f, tile, total, report):
-    dev, dtype = vae.device, next(core.parameters()).dtype
+def _run_planned(direction: str, vae: AutoencoderKLVAE, t: torch.Tensor, f: int, tile: Optional[Dict[str, Any]],
+                 total: int, report: Dict[str, Any]) -> torch.Tensor:
+    """Run through the core's planner, which owns the retries (fp32 on NaN/inf, exact tiling on
+    out-of-memory); a tiled node's own settings are handed to it as a UserTiling."""
+    core = vae.core
+    dtype = next(core.parameters()).dtype
+    user = None
     if tile is not None:
         report["tiles"] = total
-        cb = progress_callback(total)
-        return _moments(core, x.to(dev, dtype), f, tile, cb).to(vae.output_device), report
-    try:
-        out, prep = planner.run_encode(core, x.to(dev, dtype), dtype=dtype, callback=progress_callback(1),
-                                       free_bytes=_free_bytes(vae))
-        _merge_planner_report(report, prep)
-        return out.to(vae.output_device), report
-    except OOM_ERRORS:
-        logger.warning("AutoencoderKL encode ran out of memory; retrying with %d px blend tiles", FALLBACK_TILE)
-    mm.soft_empty_cache()
-    tile = {"tile_size": FALLBACK_TILE, "overlap": FALLBACK_OVERLAP, "method": "blend"}
-    g = grid.tile_grid(x.shape[-2], x.shape[-1], FALLBACK_TILE, FALLBACK_OVERLAP, "blend", vae.latent_channels,
-                       factor=f)
-    report.update(tiled=True, tile_size=FALLBACK_TILE, overlap=FALLBACK_OVERLAP, method="blend", tiles=g["tiles"])
-    cb = progress_callback(g["tiles"])
-    return _moments(core, x.to(dev, dtype), f, tile, cb).to(vae.output_device), report
+        run = _moments if direction == "encode" else _pixels
+        user = planner.UserTiling(tile["method"], tile["tile_size"], lambda model, inp, cb: run(model, inp, f, tile, cb))
+    fn = planner.run_encode if direction == "encode" else planner.run_decode
+    out, prep = fn(core, t.to(vae.device, dtype), dtype=dtype, callback=progress_callback(total),
+                   free_bytes=_free_bytes(vae), user_tiling=user)
+    _merge_planner_report(report, prep)
+    if prep["tiled"] and prep["tile_size"] != (tile or {}).get("tile_size"):
+        report["overlap"] = None  # the planner chose exact tiles: no overlap
+    return out.to(vae.output_device)
 
 
 # -- decode ----------------------------------------------------------------------------------
 
 
-def _pixels(core, z: torch.Tensor, f: int, tile: Optional[Dict[str, Any]], cb) -> torch.Tensor:
-    if tile is None:
-        return core.decode(z).sample
+def _pixels(core, z: torch.Tensor, f: int, tile: Dict[str, Any], cb) -> torch.Tensor:
+    """A tiled node's pixels (B, C, h*f, w*f) for raw latents z on the device, in the core's dtype."""
     t, o = tile["tile_size"], tile["overlap"]
     if z.shape[-2] * f <= t and z.shape[-1] * f <= t:
         out = core.decode(z).sample
@@ -341,50 +332,10 @@ def decode(vae: AutoencoderKLVAE, samples: torch.Tensor, tile: Optional[Dict[str
     vae.check_latent(samples)
     check_input(samples, "latent")
     f = vae.upscale_ratio
-    b, _, lh, lw = samples.shape
-    check_memory("decode", vae, tuple(samples.shape), tile)
-    h, w = lh * f, lw * f
-    width = vae.core.config.block_out_channels[0]
-    dsize = mm.dtype_size(vae.vae_dtype)
-    if tile is not None:
-        g = grid.tile_grid(h, w, tile["tile_size"], tile["overlap"], tile["method"], vae.latent_channels, width,
-                           dsize, b, "decode", f)
-        estimated, total = g["estimated_bytes"], g["tiles"]
-    else:
-        estimated, total = grid.estimate_bytes("decode", b, h, w, width, dsize), 1
-    report = _report("decode", vae, b, h, w, tile, estimated)
-    vae.load_to_device(estimated)
-    vae.use_own_attention()
-    core = vae.core
+    report, total = _prepare("decode", vae, samples.shape, tile)
     with _Measure(vae.device) as meas, outside_inference_mode():
-        x, report = _decode_pixels(vae, core, samples, f, tile, total, report)
-        if not _finite(x) and vae.vae_dtype != torch.float32:
-            logger.warning("AutoencoderKL decode: non-finite values in %s; retrying in fp32", report["dtype"])
-            x, report = _decode_pixels(vae, _fp32_copy(core), samples, f, tile, total, report)
-            report["fp32_retry"] = True
+        x = _run_planned("decode", vae, samples, f, tile, total, report)
         _check_output(x, "decode", samples)
         image = pixels_to_image(x, vae.output_device)
     report["seconds"], report["peak_bytes"] = round(meas.seconds, 4), meas.peak
     return image, report
-
-
-def _decode_pixels(vae, core, samples, f, tile, total, report):
-    dev, dtype = vae.device, next(core.parameters()).dtype
-    if tile is not None:
-        report["tiles"] = total
-        cb = progress_callback(total)
-        return _pixels(core, samples.to(dev, dtype), f, tile, cb).to(vae.output_device), report
-    try:
-        out, prep = planner.run_decode(core, samples.to(dev, dtype), dtype=dtype, callback=progress_callback(1),
-                                       free_bytes=_free_bytes(vae))
-        _merge_planner_report(report, prep)
-        return out.to(vae.output_device), report
-    except OOM_ERRORS:
-        logger.warning("AutoencoderKL decode ran out of memory; retrying with %d px blend tiles", FALLBACK_TILE)
-    mm.soft_empty_cache()
-    tile = {"tile_size": FALLBACK_TILE, "overlap": FALLBACK_OVERLAP, "method": "blend"}
-    g = grid.tile_grid(samples.shape[-2] * f, samples.shape[-1] * f, FALLBACK_TILE, FALLBACK_OVERLAP, "blend",
-                       vae.latent_channels, factor=f)
-    report.update(tiled=True, tile_size=FALLBACK_TILE, overlap=FALLBACK_OVERLAP, method="blend", tiles=g["tiles"])
-    cb = progress_callback(g["tiles"])
-    return _pixels(core, samples.to(dev, dtype), f, tile, cb).to(vae.output_device), report

@@ -41,3 +41,23 @@ def pack(host):
     sys.modules[PACK_NAME] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="session")
+def registered_vae_folder(host, tmp_path_factory):
+    """Factory: make(name) returns a new temporary folder registered first among the host's 'vae'
+    model folders, so the nodes find the files a test writes there."""
+    import folder_paths
+
+    def make(name: str) -> Path:
+        d = tmp_path_factory.mktemp(name)
+        folder_paths.add_model_folder_path("vae", str(d), is_default=True)
+        return d
+
+    return make
+
+
+@pytest.fixture()
+def nc(pack):
+    """The pack's node classes module."""
+    return pack.nodes.node_classes

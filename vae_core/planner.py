@@ -46,6 +46,17 @@ class Plan:
     estimated_bytes: int  # the planner's peak estimate for the chosen way
     free_bytes: Optional[int]  # free memory seen (None: unknown)
     reason: str  # one human sentence
+    runner: Optional[Callable] = dataclasses.field(default=None, repr=False)  # a caller's UserTiling.run
+
+
+@dataclasses.dataclass
+class UserTiling:
+    """A tiled run the caller chose (e.g. a tiled node's settings). The planner runs it as given and
+    adds only its retries: in fp32 on NaN/inf, and exact tiling with smaller tiles on out-of-memory."""
+
+    method: str  # for the report and log: "exact" or "blend"
+    tile_size: int  # px
+    run: Callable[[Any, torch.Tensor, Optional[Callable[[int, int], None]]], torch.Tensor]  # (model, input, callback)
 
 
 # -- free memory -----------------------------------------------------------------------------
@@ -219,6 +230,8 @@ def _is_oom(err: BaseException) -> bool:
 def _execute(kind: str, model, t: torch.Tensor, plan: Plan, callback) -> torch.Tensor:
     from .exact_tiling import exact_tiled_decode, exact_tiled_encode
 
+    if plan.runner is not None:
+        return plan.runner(model, t, callback)
     if plan.tiled and plan.method == "blend":  # the user enabled diffusers' tiling on the model
         fn = model._tiled_pixels if kind == "decode" else model._tiled_moments
         return fn(t, "blend", callback)
@@ -264,7 +277,8 @@ def layer_progress(kind: str, model, t: torch.Tensor, callback: Optional[Callabl
 
 
 def _run(kind: str, model, t: torch.Tensor, dtype: Optional[torch.dtype], force_upcast: Optional[bool],
-         callback, free_bytes: Optional[int], tile_size: Optional[int]) -> Tuple[torch.Tensor, Dict[str, Any]]:
+         callback, free_bytes: Optional[int], tile_size: Optional[int],
+         user_tiling: Optional[UserTiling]) -> Tuple[torch.Tensor, Dict[str, Any]]:
     start = time.perf_counter()
     run_dtype = precision.resolve_dtype(model, dtype, force_upcast)
     plan = _plan(kind, model, t, run_dtype, free_bytes)
@@ -277,6 +291,12 @@ def _run(kind: str, model, t: torch.Tensor, dtype: Optional[torch.dtype], force_
     if model.use_tiling and big:  # the user chose tiling on this model: honour it
         plan = dataclasses.replace(plan, tiled=True, tile_size=model.tile_sample_min_size,
                                    method=model.tiling_method, reason="tiling was enabled on the model")
+    if user_tiling is not None:
+        ut = user_tiling
+        plan = dataclasses.replace(plan, tiled=True, tile_size=int(ut.tile_size), method=ut.method, runner=ut.run,
+                                   estimated_bytes=estimate_tiled_bytes(kind, tuple(t.shape), run_dtype,
+                                                                        model.config, int(ut.tile_size)),
+                                   reason=f"{ut.method} tiling with {ut.tile_size} px tiles was asked for")
     logger.info("%s %s in %s: %s", kind, tuple(t.shape), str(run_dtype).replace("torch.", ""), plan.reason)
 
     def attempt(p: Plan, d: torch.dtype) -> torch.Tensor:
@@ -297,7 +317,7 @@ def _run(kind: str, model, t: torch.Tensor, dtype: Optional[torch.dtype], force_
             retry_tile = smaller[0] if p.tiled else 512
             logger.warning("%s ran out of memory (%s); retrying with exact tiling, %d px tiles",
                            kind, "tiled" if p.tiled else "untiled", retry_tile)
-            plan = dataclasses.replace(p, tiled=True, tile_size=retry_tile, method="exact",
+            plan = dataclasses.replace(p, tiled=True, tile_size=retry_tile, method="exact", runner=None,
                                        reason="retried tiled after running out of memory")
             return attempt(plan, d)
 
@@ -320,18 +340,21 @@ def _run(kind: str, model, t: torch.Tensor, dtype: Optional[torch.dtype], force_
 @torch.no_grad()
 def run_decode(model, z: torch.Tensor, dtype: Optional[torch.dtype] = None, force_upcast: Optional[bool] = None,
                callback: Optional[Callable[[int, int], None]] = None, free_bytes: Optional[int] = None,
-               tile_size: Optional[int] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
+               tile_size: Optional[int] = None, user_tiling: Optional[UserTiling] = None
+               ) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """Decode raw latents z (B, latent, h, w) -> pixels (B, out, h*f, w*f) (roughly [-1, 1], fp32 or `dtype`),
     tiling "exact" when the untiled run would not fit, retrying tiled on out-of-memory and in fp32 on
     NaN/inf. Returns (pixels, report): report has tiled, tile_size, method, fp32_retry,
-    estimated_bytes, seconds, dtype and reason. `free_bytes` overrides the measured free memory."""
-    return _run("decode", model, z, dtype, force_upcast, callback, free_bytes, tile_size)
+    estimated_bytes, seconds, dtype and reason. `free_bytes` overrides the measured free memory;
+    `tile_size` forces exact tiling; `user_tiling` runs the caller's own tiled function instead."""
+    return _run("decode", model, z, dtype, force_upcast, callback, free_bytes, tile_size, user_tiling)
 
 
 @torch.no_grad()
 def run_encode(model, x: torch.Tensor, dtype: Optional[torch.dtype] = None, force_upcast: Optional[bool] = None,
                callback: Optional[Callable[[int, int], None]] = None, free_bytes: Optional[int] = None,
-               tile_size: Optional[int] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
+               tile_size: Optional[int] = None, user_tiling: Optional[UserTiling] = None
+               ) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """Encode pixels x (B, C, H, W) in [-1, 1] -> moments (B, 2*latent, H/f, W/f) after quant_conv
     (wrap in DiagonalGaussianDistribution for mean/sample), with the same policy as `run_decode`."""
-    return _run("encode", model, x, dtype, force_upcast, callback, free_bytes, tile_size)
+    return _run("encode", model, x, dtype, force_upcast, callback, free_bytes, tile_size, user_tiling)

@@ -4,7 +4,7 @@ import torch
 
 from vae_core import AutoencoderKL
 from vae_core import exact_tiling
-from vae_core.exact_tiling import UpNode, InputNode, exact_tiled_decode, exact_tiled_encode
+from vae_core.exact_tiling import BandedStore, UpNode, InputNode, exact_tiled_decode, exact_tiled_encode
 from vae_core.layers import Upsample2D
 from vae_core.norm import GroupStats
 
@@ -177,3 +177,19 @@ def test_bf16_exact_is_as_good_as_untiled_bf16():
 def test_tile_size_too_small_is_rejected():
     with pytest.raises(ValueError, match="tile_size"):
         exact_tiled_decode(tiny_vae(), torch.randn(1, 4, 9, 13), tile_size=4)
+
+
+def test_banded_store_releases_rows_no_tile_needs_any_more():
+    t = torch.arange(2 * 3 * 10 * 4, dtype=torch.float32).view(2, 3, 10, 4)
+    store = BandedStore(tuple(t.shape), [0, 4, 8, 10], t.dtype, t.device)
+    for i, (a, b) in enumerate(((0, 4), (4, 8), (8, 10))):
+        store.write(i, (0, 4), t[:, :, a:b])
+    store.free_below(5)  # band 0 goes; band 1 would keep 3 of 4 rows: not worth a copy
+    assert 0 not in store.bands and store.bands[1].shape[2] == 4
+    store.free_below(7)  # band 1 keeps only row 7 (a halo), in a buffer of its own
+    assert store.bands[1].shape[2] == 1
+    torch.testing.assert_close(store.read((7, 10, 1, 3)), t[:, :, 7:10, 1:3], rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="released"):
+        store.read((6, 8, 0, 4))
+    with pytest.raises(AssertionError, match="partly released"):
+        store.whole()

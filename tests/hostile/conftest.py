@@ -14,18 +14,8 @@ if str(HERE) not in sys.path:
 
 
 @pytest.fixture(scope="session")
-def hostile_vae_dir(host, tmp_path_factory):
-    """A temporary folder registered first among the host's 'vae' model folders."""
-    import folder_paths
-
-    d = tmp_path_factory.mktemp("hostile_vae")
-    folder_paths.add_model_folder_path("vae", str(d), is_default=True)
-    return d
-
-
-@pytest.fixture()
-def nc(pack):
-    return pack.nodes.node_classes
+def hostile_vae_dir(registered_vae_folder):
+    return registered_vae_folder("hostile_vae")
 
 
 @pytest.fixture(scope="session")

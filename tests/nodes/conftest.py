@@ -16,13 +16,8 @@ from tiny_vaes import make_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def vae_dir(host, tmp_path_factory):
-    """A temporary folder registered first among the host's 'vae' model folders."""
-    import folder_paths
-
-    d = tmp_path_factory.mktemp("vae")
-    folder_paths.add_model_folder_path("vae", str(d), is_default=True)
-    return d
+def vae_dir(registered_vae_folder):
+    return registered_vae_folder("vae")
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,6 @@ FP32_ATOL = 1e-5
 
 
 @pytest.fixture()
-def nc(pack):
-    return pack.nodes.node_classes
-
-
-@pytest.fixture()
 def latent(nc, loader, image):
     return nc.AutoencoderKLEncode().encode(image, loader)["result"][0]
 
@@ -154,12 +149,43 @@ def test_tiled_encode_blend_reports_its_grid(nc, loader, image, progress_events)
 
 
 def test_tiled_exact_equals_untiled(nc, loader, latent, image):
-    if "exact" not in nc.AutoencoderKLDecodeTiled.INPUT_TYPES()["optional"]["method"][0]:
-        pytest.skip("exact tiling not in vae_core yet")
     full = nc.AutoencoderKLDecode().decode(latent, loader)["result"][0]
     tiled = nc.AutoencoderKLDecodeTiled().decode(latent, loader, 64, 0, "exact")
     assert tiled["ui"]["akl_run"][0]["tiles"] > 1
     torch.testing.assert_close(tiled["result"][0], full, atol=1e-4, rtol=0)  # fp32 reassociation only
+
+
+def test_half_precision_nan_in_a_tiled_node_run_is_retried_in_fp32(nc, latent, monkeypatch):
+    vae = nc.AutoencoderKLLoader().load("akl_tiny.safetensors", dtype="fp16")["result"][0]
+    core = vae.core
+    monkeypatch.setattr(core.config, "force_upcast", False)  # else fp16 is upcast before it can fail
+    real = core._pixels
+
+    def pixels(z):  # what an fp16 overflow does: NaN everywhere, only in half precision
+        out = real(z)
+        return out.fill_(float("nan")) if z.dtype == torch.float16 else out
+
+    monkeypatch.setattr(core, "_pixels", pixels)
+    out = nc.AutoencoderKLDecodeTiled().decode(latent, vae, 64, 16, "blend")
+    report = out["ui"]["akl_run"][0]
+    assert report["fp32_retry"] is True and report["tiled"] and report["method"] == "blend"
+    assert torch.isfinite(out["result"][0]).all()
+    assert next(core.parameters()).dtype == torch.float16  # the shared model keeps its dtype
+
+
+def test_out_of_memory_in_a_tiled_node_run_is_retried_with_exact_tiles(nc, pack, loader, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(pack.nodes.run.tiling, "blend_tiled", oom)
+    monkeypatch.setattr(pack.vae_core.planner, "TILE_CANDIDATES", (96, 64))
+    latent = {"samples": torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(0))}  # 192 px
+    out = nc.AutoencoderKLDecodeTiled().decode(latent, loader, 128, 32, "blend")
+    report = out["ui"]["akl_run"][0]
+    assert (report["tiled"], report["method"], report["tile_size"], report["overlap"]) == (True, "exact", 96, None)
+    assert out["ui"]["akl_grid"][0]["tiles"] == 4  # the grid shown is the one that ran
+    full = nc.AutoencoderKLDecode().decode(latent, loader)["result"][0]
+    torch.testing.assert_close(out["result"][0], full, atol=1e-4, rtol=0)
 
 
 def test_cancel_stops_a_tiled_decode_within_one_tile(nc, loader, latent, progress_events):

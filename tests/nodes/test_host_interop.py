@@ -12,11 +12,6 @@ ONE_LEVEL = 1.0 / 255.0
 
 
 @pytest.fixture()
-def nc(pack):
-    return pack.nodes.node_classes
-
-
-@pytest.fixture()
 def mask():
     m = torch.zeros(1, 72, 88)
     m[:, 20:50, 30:60] = 1.0
