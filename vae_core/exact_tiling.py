@@ -547,9 +547,9 @@ class _ExactRun:
             if what == "attn":
                 self._run_attention(node, self._live_after(k))
             else:
+                if self.device.type == "cpu" and "store" in what and self._size(node) >= self.store_limit:
+                    _release_free_heap()  # before the passes that write a large checkpoint: where the peak is
                 self._run_pass(node, what, self._live_after(k))
-            if self.device.type == "cpu":
-                _release_free_heap()
         result = self.out.store.whole().contiguous()  # NCHW, as the untiled path returns
         self.out.store = None
         return result

@@ -173,11 +173,12 @@ function attach(node, comfyClass) {
     }
   }
 
-  // Progress of this node's run (tiles done) while it executes.
+  // Progress of this node's run while it executes: steps are tiles (blend), tiles of every pass
+  // and attention chunks (exact), or blocks (untiled), as the core reports them.
   const matches = (detail) => detail && String(detail.node ?? detail.display_node) === String(node.id);
   api.addEventListener("progress", ({ detail }) => {
     if (!matches(detail)) return;
-    state.status = `Running: ${detail.value} / ${detail.max}${state.kind === "grid" ? " tiles" : ""}`;
+    state.status = `Running: ${detail.value} / ${detail.max} steps`;
     render(node, state);
   }, { signal });
   // A cached loader does not run again, so the server sends no card: show the one this browser
