@@ -321,6 +321,20 @@ def _topological(out: Node) -> List[Node]:
     return order
 
 
+def _macs(n: Node) -> int:
+    """Multiply-adds to compute node `n` over its whole output (attention counts as its projections
+    only; it runs once either way)."""
+    hw = n.size[0] * n.size[1]
+    if isinstance(n, (ConvNode, DownNode)):
+        k = n.conv.kernel_size[0] * n.conv.kernel_size[1]
+        return k * n.conv.in_channels * n.conv.out_channels * hw
+    if isinstance(n, UpNode):  # sub-pixel: four 2x2 kernels per low-res pixel = 4 taps per output pixel
+        return 4 * n.conv.in_channels * n.conv.out_channels * hw
+    if isinstance(n, AddNode) and n.shortcut is not None:
+        return n.shortcut.in_channels * n.shortcut.out_channels * hw
+    return n.channels * hw  # norm, activation, add: memory-bound, about one pass over the tensor
+
+
 # -- storage and statistics ---------------------------------------------------------------
 
 
@@ -436,7 +450,7 @@ def safe_attention_processor(attn: Attention, tokens: int, batch: int) -> AttnPr
 class _ExactRun:
     """Plans and executes the passes over one graph."""
 
-    def __init__(self, inp: InputNode, x: torch.Tensor, out: Node, tile_px: int, store_fraction: float,
+    def __init__(self, inp: InputNode, x: torch.Tensor, out: Node, tile_px: int, store_budget: Optional[int],
                  callback: ProgressCallback):
         self.inp, self.out = inp, out
         self.batch, self.dtype, self.device = x.shape[0], x.dtype, x.device
@@ -445,23 +459,22 @@ class _ExactRun:
         self.callback = callback
         self.nodes = _topological(out)
         self.tiles_done = 0
-        # Store a non-trunk tensor (conv1 output, an upsampled tensor) only when it is at most
-        # this fraction of the largest resnet output; otherwise recompute it from its checkpoint.
-        self.store_limit = store_fraction * max(n.channels * n.size[0] * n.size[1] for n in self.nodes
-                                                if isinstance(n, AddNode))
-        self.passes = self._plan()
+        self.trunk = max(self._size(n) for n in self.nodes if isinstance(n, AddNode))  # largest resnet output
+        self.readers: Dict[int, List[Node]] = {}
+        for n in self.nodes:
+            for i in n.inputs:
+                self.readers.setdefault(id(i), []).append(n)
+        self.passes = self._plan(self._choose_stores(store_budget))
         self.tiles_total = sum(self._attention_steps(n) if what == "attn"
                                else (len(self._grid(n)[0]) - 1) * (len(self._grid(n)[1]) - 1)
                                for n, what in self.passes)
 
     # planning
-    def _plan(self) -> List[Tuple[Node, str]]:
+    def _plan(self, optional: set) -> List[Tuple[Node, str]]:
         """(node, what) in network order; what is 'stats' (for the GroupNorm that reads the node),
-        'store' (keep it as a checkpoint), 'stats+store', or 'attn' (run the attention whole)."""
-        readers: Dict[int, List[Node]] = {}
-        for n in self.nodes:
-            for i in n.inputs:
-                readers.setdefault(id(i), []).append(n)
+        'store' (keep it as a checkpoint), 'stats+store', or 'attn' (run the attention whole).
+        Resnet outputs are the trunk and always stored; so is what the attention reads; a tensor
+        whose id is in `optional` (see `_choose_stores`) is stored too."""
         passes: List[Tuple[Node, str]] = []
         for n in self.nodes:
             if n is self.inp:
@@ -469,14 +482,89 @@ class _ExactRun:
             if isinstance(n, AttentionNode):
                 passes.append((n, "attn"))
                 continue
-            rs = readers.get(id(n), [])
+            rs = self.readers.get(id(n), [])
             stats = any(isinstance(c, NormActNode) for c in rs)
-            # resnet outputs are the trunk: always checkpoints; others only when small
             store = (n is self.out or isinstance(n, AddNode) or any(isinstance(c, AttentionNode) for c in rs)
-                     or (stats and self._size(n) <= self.store_limit))
+                     or (stats and id(n) in optional))
             if stats or store:
                 passes.append((n, "stats+store" if stats and store else ("stats" if stats else "store")))
         return passes
+
+    def _choose_stores(self, store_budget: Optional[int]) -> set:
+        """Which optional checkpoints (conv1 outputs, up/down-sampled tensors: anything a GroupNorm reads
+        that is not a resnet output) to store rather than recompute in every later pass that reads them.
+
+        Storing none is the leanest plan: its checkpoints peak at about one largest resnet output.
+        `store_budget` (elements) lets them peak higher; within it, checkpoints are added greedily,
+        the one that saves the most recomputed multiply-adds first (`_work`), while the peak
+        (`_stored_peak`) stays within the budget. Some are free: an upsampled tensor stored while the
+        level above it is still small does not raise the peak at all.
+        """
+        candidates = [n for n in self.nodes if n is not self.inp and not isinstance(n, (AddNode, AttentionNode))
+                      and n is not self.out and any(isinstance(c, NormActNode) for c in self.readers.get(id(n), []))]
+        chosen: set = set()
+        budget = max(self._stored_peak(self._plan(chosen)), store_budget or 0)
+        everything = {id(n) for n in candidates}
+        if self._stored_peak(self._plan(everything)) <= budget:
+            return everything
+        work = self._work(self._plan(chosen))
+        while True:
+            best = None
+            for n in candidates:
+                if id(n) in chosen:
+                    continue
+                plan = self._plan(chosen | {id(n)})
+                if self._stored_peak(plan) > budget:
+                    continue
+                saved = work - self._work(plan)
+                if saved > 0 and (best is None or saved > best[0]):
+                    best = (saved, n)
+            if best is None:
+                return chosen
+            chosen.add(id(best[1]))
+            work -= best[0]
+
+    def _work(self, passes: List[Tuple[Node, str]]) -> int:
+        """Multiply-adds of a run of `passes` (halos aside): each pass evaluates every tensor between
+        its node and the checkpoints before it once (shared tensors are memoised within a tile)."""
+        stored = {id(self.inp)}
+        total = 0
+        for n, what in passes:
+            seen: set = set()
+            stack = [n]
+            while stack:
+                m = stack.pop()
+                if id(m) in seen or id(m) in stored:
+                    continue
+                seen.add(id(m))
+                total += _macs(m)
+                stack.extend(m.inputs)
+            if "store" in what or what == "attn":
+                stored.add(id(n))
+        return total
+
+    def _stored_peak(self, passes: List[Tuple[Node, str]]) -> int:
+        """Elements held in checkpoints at the fullest moment of a run of `passes`: at the start of
+        each pass (everything it or a later pass reads) and at its end (with its own checkpoint). A
+        checkpoint read for the last time drains band by band while the pass's own fills, so the
+        fuller end of the two is the pass's peak; an attention pass holds its input and output whole."""
+        stored = {id(self.inp): 0}  # id -> index of the pass that writes it (the input: before all)
+        last: Dict[int, int] = {id(self.inp): 0}  # id -> last pass that reads it
+        size = {id(n): self._size(n) * (self.batch if n is not self.inp else 0) for n in self.nodes}
+        for k, (n, what) in enumerate(passes):
+            acc: Dict[int, Region] = {}
+            self._reach(n, (0, n.size[0], 0, n.size[1]), acc, frozenset(stored), stored_only=True)
+            for i in acc:
+                last[i] = k
+            if "store" in what or what == "attn":
+                stored[id(n)] = k
+                last.setdefault(id(n), k)
+        peak = 0
+        for k, (n, what) in enumerate(passes):
+            before = sum(size[i] for i, c in stored.items() if c < k <= last[i])
+            after = sum(size[i] for i, c in stored.items() if c <= k < last[i] or (c == k and i == id(self.out)))
+            peak = max(peak, before + size[id(n)] if what == "attn" else max(before, after))
+        return peak
 
     def _processor(self, node: "AttentionNode") -> AttnProcessorBase:
         return safe_attention_processor(node.attn, node.size[0] * node.size[1], self.batch)
@@ -513,17 +601,19 @@ class _ExactRun:
             n._memo = (r, t)
         return t
 
-    def _reach(self, n: Node, r: Region, acc: Dict[int, Region], stop: frozenset = frozenset()) -> None:
+    def _reach(self, n: Node, r: Region, acc: Dict[int, Region], stop: frozenset = frozenset(),
+               stored_only: bool = False) -> None:
         """Union (as a bounding box) of the region of each stored node that region r of n reads;
-        nodes whose id is in `stop` count as stored (they will be by then)."""
+        nodes whose id is in `stop` count as stored (they will be by then); with `stored_only`, only
+        they do (planning, before anything is stored)."""
         if r[0] >= r[1] or r[2] >= r[3]:
             return
-        if n.store is not None or id(n) in stop:
+        if (n.store is not None and not stored_only) or id(n) in stop:
             old = acc.get(id(n))
             acc[id(n)] = r if old is None else (min(old[0], r[0]), max(old[1], r[1]), min(old[2], r[2]), max(old[3], r[3]))
             return
         for i, src in enumerate(n.inputs):
-            self._reach(src, _clip(n.need(i, r), src.size), acc, stop)
+            self._reach(src, _clip(n.need(i, r), src.size), acc, stop, stored_only)
 
     def _live_after(self, k: int) -> set:
         """Ids of the nodes that passes after pass k read from storage (each pass stops at
@@ -547,7 +637,7 @@ class _ExactRun:
             if what == "attn":
                 self._run_attention(node, self._live_after(k))
             else:
-                if self.device.type == "cpu" and "store" in what and self._size(node) >= self.store_limit:
+                if self.device.type == "cpu" and "store" in what and 2 * self._size(node) >= self.trunk:
                     _release_free_heap()  # before the passes that write a large checkpoint: where the peak is
                 self._run_pass(node, what, self._live_after(k))
         result = self.out.store.whole().contiguous()  # NCHW, as the untiled path returns
@@ -623,29 +713,61 @@ class _ExactRun:
             self.callback(self.tiles_done, self.tiles_total)
 
 
-def _check_tile(tile_size: int, store_fraction: float) -> None:
+def _check_tile(tile_size: int, store_budget: Optional[int]) -> None:
     if int(tile_size) < 8:
         raise ValueError(f"exact tiling: tile_size={tile_size} px is too small; use 64 px or more (256-1024 is typical)")
-    if not 0.0 <= float(store_fraction):
-        raise ValueError(f"exact tiling: store_fraction={store_fraction} must be >= 0 (0.5 is the default)")
+    if store_budget is not None and (isinstance(store_budget, bool) or int(store_budget) < 0):
+        raise ValueError(f"exact tiling: store_budget={store_budget!r} must be a number of bytes >= 0 "
+                         "(0: the leanest plan), or None (the default: what free memory allows)")
+
+
+def store_budget_for(kind: str, model, t: torch.Tensor, tile_size: int, free_bytes: Optional[int]) -> int:
+    """The default `store_budget` in bytes: `free_bytes` (with the planner's safety margin) less what
+    the leanest exact run needs besides its checkpoints; 0 (the leanest plan) when it is unknown."""
+    if free_bytes is None:
+        return 0
+    from . import planner
+
+    cfg = model.config
+    dtype = next(model.parameters()).dtype  # checkpoints are kept in the dtype the layers compute in
+    lean = planner.estimate_tiled_bytes(kind, tuple(t.shape), dtype, cfg, int(tile_size))
+    f = cfg.downscale_factor if kind == "decode" else 1
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    trunk = t.shape[0] * cfg.block_out_channels[0] * t.shape[2] * f * t.shape[3] * f * itemsize  # in `lean`
+    return max(0, int(free_bytes * planner.SAFETY) - lean + trunk)
+
+
+def _budget_elems(kind: str, model, t: torch.Tensor, tile_size: int, store_budget: Optional[int]) -> int:
+    """`store_budget` bytes (None: from the device's free memory now) in stored elements."""
+    if store_budget is None:
+        from . import planner
+
+        store_budget = store_budget_for(kind, model, t, tile_size, planner.free_memory(t.device))
+    itemsize = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
+    return int(store_budget) // itemsize
 
 
 @torch.no_grad()
 def exact_tiled_encode(model, x: torch.Tensor, tile_size: int = 512, callback: ProgressCallback = None,
-                       store_fraction: float = 0.5) -> torch.Tensor:
+                       store_budget: Optional[int] = None) -> torch.Tensor:
     """Pixels (B, C, H, W) in [-1, 1] -> moments (B, 2*latent, H/f, W/f) after quant_conv, equal to the
-    untiled `model._moments(x)` up to fp32 rounding. `tile_size` is in pixels (working set per tile);
-    `store_fraction` (>= 0, default 0.5) trades memory for time, see `_ExactRun`."""
-    _check_tile(tile_size, store_fraction)
+    untiled `model._moments(x)` up to fp32 rounding. `tile_size` is in pixels (working set per tile).
+    `store_budget` is the bytes the stored checkpoints may peak at: 0 gives the leanest plan (about one
+    full-resolution resnet output), None (default) what free memory allows; more memory, less
+    recomputation (see `_ExactRun._choose_stores`)."""
+    _check_tile(tile_size, store_budget)
     inp, out = _encoder_graph(model, x)
-    return _ExactRun(inp, x, out, int(tile_size), float(store_fraction), callback).run()
+    budget = _budget_elems("encode", model, x, tile_size, store_budget)
+    return _ExactRun(inp, x, out, int(tile_size), budget, callback).run()
 
 
 @torch.no_grad()
 def exact_tiled_decode(model, z: torch.Tensor, tile_size: int = 512, callback: ProgressCallback = None,
-                       store_fraction: float = 0.5) -> torch.Tensor:
+                       store_budget: Optional[int] = None) -> torch.Tensor:
     """Raw latents (B, latent, h, w) -> pixels (B, out, h*f, w*f) after post_quant_conv and the decoder,
-    equal to the untiled `model._pixels(z)` up to fp32 rounding. `tile_size` is in output pixels."""
-    _check_tile(tile_size, store_fraction)
+    equal to the untiled `model._pixels(z)` up to fp32 rounding. `tile_size` is in output pixels;
+    `store_budget` as for `exact_tiled_encode`."""
+    _check_tile(tile_size, store_budget)
     inp, out = _decoder_graph(model, z)
-    return _ExactRun(inp, z, out, int(tile_size), float(store_fraction), callback).run()
+    budget = _budget_elems("decode", model, z, tile_size, store_budget)
+    return _ExactRun(inp, z, out, int(tile_size), budget, callback).run()

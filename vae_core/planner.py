@@ -47,6 +47,7 @@ class Plan:
     free_bytes: Optional[int]  # free memory seen (None: unknown)
     reason: str  # one human sentence
     runner: Optional[Callable] = dataclasses.field(default=None, repr=False)  # a caller's UserTiling.run
+    lean: bool = False  # exact tiling with the leanest checkpoints (after an out-of-memory error)
 
 
 @dataclasses.dataclass
@@ -228,7 +229,7 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def _execute(kind: str, model, t: torch.Tensor, plan: Plan, callback) -> torch.Tensor:
-    from .exact_tiling import exact_tiled_decode, exact_tiled_encode
+    from .exact_tiling import exact_tiled_decode, exact_tiled_encode, store_budget_for
 
     if plan.runner is not None:
         return plan.runner(model, t, callback)
@@ -237,7 +238,12 @@ def _execute(kind: str, model, t: torch.Tensor, plan: Plan, callback) -> torch.T
         return fn(t, "blend", callback)
     if plan.tiled:
         fn = exact_tiled_decode if kind == "decode" else exact_tiled_encode
-        return fn(model, t, tile_size=plan.tile_size, callback=callback, **model.tiling_options)
+        options = dict(model.tiling_options)
+        if "store_budget" not in options and (plan.lean or plan.free_bytes is not None):
+            # checkpoints may use what the plan leaves of the free memory it was made for
+            options["store_budget"] = 0 if plan.lean else store_budget_for(kind, model, t, plan.tile_size,
+                                                                            plan.free_bytes)
+        return fn(model, t, tile_size=plan.tile_size, callback=callback, **options)
     with layer_progress(kind, model, t, callback):
         return model._pixels(t) if kind == "decode" else model._moments(t)
 
@@ -317,7 +323,7 @@ def _run(kind: str, model, t: torch.Tensor, dtype: Optional[torch.dtype], force_
             retry_tile = smaller[0] if p.tiled else 512
             logger.warning("%s ran out of memory (%s); retrying with exact tiling, %d px tiles",
                            kind, "tiled" if p.tiled else "untiled", retry_tile)
-            plan = dataclasses.replace(p, tiled=True, tile_size=retry_tile, method="exact", runner=None,
+            plan = dataclasses.replace(p, tiled=True, tile_size=retry_tile, method="exact", runner=None, lean=True,
                                        reason="retried tiled after running out of memory")
             return attempt(plan, d)
 

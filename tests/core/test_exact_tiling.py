@@ -56,14 +56,40 @@ def test_encode_matches_untiled(hw):
     assert_fp32_close(out, ref)
 
 
-@pytest.mark.parametrize("store_fraction", [0.0, 0.25, 10.0])
-def test_recompute_and_store_policies_agree(store_fraction):
-    # 0: recompute every non-resnet-output tensor from its checkpoint; 10: store them all
+@pytest.mark.parametrize("store_budget", [0, 6000, 10**9, None])
+def test_recompute_and_store_policies_agree(store_budget):
+    # 0: the leanest plan (recompute what does not fit under one resnet output); 1e9: store all
     model = tiny_vae()
     z = torch.randn(1, 4, 9, 13, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model._pixels(z)
-    assert_fp32_close(exact_tiled_decode(model, z, tile_size=24, store_fraction=store_fraction), ref)
+    assert_fp32_close(exact_tiled_decode(model, z, tile_size=24, store_budget=store_budget), ref)
+
+
+@pytest.mark.parametrize("kind", ["decode", "encode"])
+def test_more_store_budget_never_means_more_work_and_the_peak_stays_within_it(kind):
+    model = tiny_vae()
+    inp = torch.zeros(1, 4, 16, 16) if kind == "decode" else torch.zeros(1, 3, 128, 128)
+    graph = exact_tiling._decoder_graph if kind == "decode" else exact_tiling._encoder_graph
+    runs = []
+    for budget in (0, 1, 2, 3, 1000):  # in largest resnet outputs
+        src, out = graph(model, inp)
+        trunk = max(n.channels * n.size[0] * n.size[1] for n in exact_tiling._topological(out)
+                    if isinstance(n, exact_tiling.AddNode))
+        run = exact_tiling._ExactRun(src, inp, out, 32, budget * trunk, None)
+        runs.append((budget, run._stored_peak(run.passes) / trunk, run._work(run.passes)))
+    lean_peak = runs[0][1]
+    assert lean_peak <= 1.0 + 1e-9, "the leanest plan holds about one resnet output of checkpoints"
+    for budget, peak, _work in runs:
+        assert peak <= max(budget, lean_peak) + 1e-9
+    works = [w for _b, _p, w in runs]
+    assert works == sorted(works, reverse=True)
+    assert works[-1] < works[0], "a large budget must save recomputation"
+
+
+def test_store_budget_is_checked():
+    with pytest.raises(ValueError, match="store_budget"):
+        exact_tiled_decode(tiny_vae(), torch.randn(1, 4, 9, 13), tile_size=16, store_budget=-1)
 
 
 def test_model_api_tiles_decode_and_encode(monkeypatch):

@@ -124,3 +124,35 @@ def test_model_tiling_only_applies_to_inputs_larger_than_a_tile():
     assert report["tiled"] is False
     with torch.no_grad():
         torch.testing.assert_close(out, model._pixels(z), rtol=0, atol=0)
+
+
+def test_planned_exact_runs_give_checkpoints_what_free_memory_leaves(small_tiles, monkeypatch):
+    # The planner's free memory, not the machine's, sets how much the tiler may store; after an
+    # out-of-memory error it retries with the leanest plan.
+    from vae_core import exact_tiling
+
+    model = tiny_vae()
+    z = torch.randn(1, 4, 40, 40)
+    seen = []
+    real = exact_tiling.exact_tiled_decode
+
+    def spy(m, t, **kw):
+        seen.append(kw.get("store_budget"))
+        return real(m, t, **kw)
+
+    monkeypatch.setattr(exact_tiling, "exact_tiled_decode", spy)
+    need = planner.estimate_bytes("decode", tuple(z.shape), torch.float32, model.config)
+    free = int(need / planner.SAFETY) - 1  # untiled just does not fit; the tile chosen leaves some over
+    _out, report = planner.run_decode(model, z, free_bytes=free)
+    assert report["tiled"] and len(seen) == 1
+    assert seen[0] == exact_tiling.store_budget_for("decode", model, z, report["tile_size"], free)
+    assert 0 < seen[0] < free
+    assert exact_tiling.store_budget_for("decode", model, z, 24, None) == 0
+
+    def oom(_z):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(model, "_pixels", oom)
+    seen.clear()
+    _out, report = planner.run_decode(model, z, free_bytes=2**40)
+    assert report["tiled"] and seen == [0]
