@@ -16,12 +16,14 @@ and merges per-tile (count, mean, M2) per (batch, group) in float64 (`norm.Group
 code the untiled model's GroupNorm uses); the variance is biased, as torch's GroupNorm uses. Later passes
 reuse those statistics. A pass may also *store* its tensor, in horizontal bands, to become a
 checkpoint that later passes start from; everything between checkpoints is recomputed per tile.
-Which tensors are stored is a memory/time trade (`store_fraction`): resnet outputs are always
-stored; a conv1 output or 2x-upsampled tensor is stored only when it is at most `store_fraction`
-(default 0.5) of the largest resnet output, else recomputed per tile. At 0.5 the stored tensors
-never add up to more than about one largest resnet output at a time, because bands are freed. Bands of a checkpoint are freed as soon as no remaining
-tile can reach them, so e.g. the 1024^2 input of the top decoder level is released while the
-2048^2 output fills.
+Which tensors are stored is a memory/time trade (`store_budget`, bytes): resnet outputs are always
+stored; any other tensor a GroupNorm reads (a conv1 output, an up/down-sampled tensor) is stored
+when that fits the budget, else recomputed in each later pass that reads it. Bands of a checkpoint
+are freed as soon as no remaining tile can reach them, so e.g. the 1024^2 input of the top decoder
+level is released while the 2048^2 output fills; the leanest plan (`store_budget=0`) holds about
+one largest resnet output at a time. Above that, checkpoints are added greedily by the
+multiply-adds they save (`_ExactRun._choose_stores`); by default the budget is what free memory
+allows, so a run that has the memory recomputes nothing.
 
 Nearest-2x upsampling followed by a 3x3 conv is computed as four 2x2 convs on the low-resolution
 tensor (one per output phase, "sub-pixel" form): the same sums in another order (fp32-rounding
