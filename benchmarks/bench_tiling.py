@@ -2,6 +2,9 @@
 
 Prints, per size and tile: PSNR and max error against the untiled output, peak memory and time
 ratios, and the planner's memory estimate against the measured peak. Not a test: no assertions.
+Methods: exact (checkpoints may use what free memory allows, the default), exact-lean
+(store_budget=0, the leanest plan; the planner's tiled estimate is for this one), blend (ours,
+diffusers' geometry), diffusers (diffusers' own tiling), host (ComfyUI's VAEDecodeTiled strategy).
 
 Method: every case runs in its own fresh `python` subprocess (same seed, so the same random SD-size
 weights); peak memory is that process's ru_maxrss (peak RSS, includes the interpreter, torch and
