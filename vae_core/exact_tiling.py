@@ -484,12 +484,16 @@ class _ExactRun:
                 passes.append((n, "attn"))
                 continue
             rs = self.readers.get(id(n), [])
-            stats = any(isinstance(c, NormActNode) for c in rs)
+            stats = self._normalised(n)
             store = (n is self.out or isinstance(n, AddNode) or any(isinstance(c, AttentionNode) for c in rs)
                      or (stats and id(n) in optional))
             if stats or store:
                 passes.append((n, "stats+store" if stats and store else ("stats" if stats else "store")))
         return passes
+
+    def _normalised(self, n: Node) -> bool:
+        """Does a GroupNorm read `n` (so some pass must take its statistics)?"""
+        return any(isinstance(c, NormActNode) for c in self.readers.get(id(n), []))
 
     def _choose_stores(self, store_budget: Optional[int]) -> set:
         """Which optional checkpoints (conv1 outputs, up/down-sampled tensors: anything a GroupNorm reads
@@ -502,13 +506,14 @@ class _ExactRun:
         level above it is still small does not raise the peak at all.
         """
         candidates = [n for n in self.nodes if n is not self.inp and not isinstance(n, (AddNode, AttentionNode))
-                      and n is not self.out and any(isinstance(c, NormActNode) for c in self.readers.get(id(n), []))]
+                      and n is not self.out and self._normalised(n)]
         chosen: set = set()
-        budget = max(self._stored_peak(self._plan(chosen)), store_budget or 0)
+        lean = self._plan(chosen)
+        budget = max(self._stored_peak(lean), store_budget or 0)
         everything = {id(n) for n in candidates}
         if self._stored_peak(self._plan(everything)) <= budget:
             return everything
-        work = self._work(self._plan(chosen))
+        work = self._work(lean)
         while True:
             best = None
             for n in candidates:
@@ -678,18 +683,16 @@ class _ExactRun:
         for bi in range(len(rows) - 1):
             for ci in range(len(cols) - 1):
                 r = (rows[bi], rows[bi + 1], cols[ci], cols[ci + 1])
-                self._clear_memos()
                 t = self.evaluate(node, r)
                 if stats is not None:
                     stats.add(t)
                 if store is not None:
                     store.write(bi, (r[2], r[3]), t)
                 del t
-                self._clear_memos()
+                self._clear_memos()  # a tile's memos go with it (before the trim, so their memory can go too)
                 if trim:
                     _release_free_heap()
                 self._tick()
-            self._clear_memos()
             if dying and bi + 2 < len(rows):
                 acc: Dict[int, Region] = {}
                 self._reach(node, (rows[bi + 1], node.size[0], 0, node.size[1]), acc)
@@ -735,13 +738,18 @@ def store_budget_for(kind: str, model, t: torch.Tensor, tile_size: int, free_byt
         return 0
     from . import planner
 
-    cfg = model.config
-    dtype = next(model.parameters()).dtype  # checkpoints are kept in the dtype the layers compute in
-    lean = planner.estimate_tiled_bytes(kind, tuple(t.shape), dtype, cfg, int(tile_size))
-    f = cfg.downscale_factor if kind == "decode" else 1
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    trunk = t.shape[0] * cfg.block_out_channels[0] * t.shape[2] * f * t.shape[3] * f * itemsize  # in `lean`
+    dtype = _store_dtype(model)
+    lean = planner.estimate_tiled_bytes(kind, tuple(t.shape), dtype, model.config, int(tile_size))
+    trunk = planner.trunk_elems(kind, tuple(t.shape), model.config) * _itemsize(dtype)  # counted in `lean`
     return max(0, int(free_bytes * planner.SAFETY) - lean + trunk)
+
+
+def _store_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype  # checkpoints are kept in the dtype the layers compute in
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _budget_elems(kind: str, model, t: torch.Tensor, tile_size: int, store_budget: Optional[int]) -> int:
@@ -750,8 +758,7 @@ def _budget_elems(kind: str, model, t: torch.Tensor, tile_size: int, store_budge
         from . import planner
 
         store_budget = store_budget_for(kind, model, t, tile_size, planner.free_memory(t.device))
-    itemsize = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
-    return int(store_budget) // itemsize
+    return int(store_budget) // _itemsize(_store_dtype(model))
 
 
 @torch.no_grad()

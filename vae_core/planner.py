@@ -155,6 +155,14 @@ def estimate_bytes(kind: str, shape: Sequence[int], dtype: torch.dtype, config: 
     return int(elems * itemsize * UNTILED_CALIBRATION[kind]) + OVERHEAD_BYTES
 
 
+def trunk_elems(kind: str, shape: Sequence[int], config: AutoencoderKLConfig) -> int:
+    """Elements of the widest checkpoint of an exact tiled run of an input of `shape`: a resnet output
+    at full resolution (block_out_channels[0] channels). The leanest plan holds about one."""
+    b, _c, h, w = shape
+    f = config.downscale_factor if kind == "decode" else 1
+    return b * config.block_out_channels[0] * h * f * w * f
+
+
 def estimate_tiled_bytes(kind: str, shape: Sequence[int], dtype: torch.dtype, config: AutoencoderKLConfig,
                          tile_size: int) -> int:
     """Peak bytes above the weights of an exact tiled run with `tile_size` px tiles: the largest
@@ -162,8 +170,7 @@ def estimate_tiled_bytes(kind: str, shape: Sequence[int], dtype: torch.dtype, co
     b, c, h, w = shape
     f = config.downscale_factor
     px_h, px_w = (h * f, w * f) if kind == "decode" else (h, w)
-    # the widest checkpoint is a resnet output at full resolution (ch[0] channels)
-    trunk = b * config.block_out_channels[0] * px_h * px_w
+    trunk = trunk_elems(kind, shape, config)
     band = b * config.block_out_channels[0] * min(tile_size, px_h) * px_w
     t = min(tile_size, max(px_h, px_w)) + 2 * HALO_PX
     tile_shape = (b, c, t // f, t // f) if kind == "decode" else (b, c, t, t)
