@@ -89,13 +89,14 @@ def show_text(text: str) -> None:
 
 
 def progress_callback(total: int, notes: Optional[List[str]] = None,
-                      announce_over: int = LONG_RUN_TILES) -> Callable[[int, int], None]:
+                      announce_over: Optional[int] = None) -> Callable[[int, int], None]:
     """callback(done, total) for the core's tilers: checks Cancel, then moves the node's progress bar.
     A run of more than `announce_over` steps gets its estimated time announced (see LONG_RUN_TILES),
     appended to `notes` (the run report's warnings)."""
     pbar = comfy.utils.ProgressBar(max(1, total))
     start = time.perf_counter()
     announced = False
+    announce_over = LONG_RUN_TILES if announce_over is None else announce_over
 
     def callback(done: int, total_now: int) -> None:
         nonlocal announced
