@@ -75,7 +75,10 @@ _ATTENTION_FREE: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar(
 @contextlib.contextmanager
 def attention_free_bytes(free_bytes: Optional[int]) -> Iterator[None]:
     """Within the block, attention budgets come from `free_bytes` (the planner's figure) instead of
-    the device's free memory measured at each call. None leaves the measurement on."""
+    the device's free memory measured at each call. None changes nothing (an enclosing figure stays)."""
+    if free_bytes is None:
+        yield
+        return
     token = _ATTENTION_FREE.set(free_bytes)
     try:
         yield
