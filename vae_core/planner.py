@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
