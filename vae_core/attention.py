@@ -207,8 +207,11 @@ class XFormersAttnProcessor(AttnProcessorBase):
 
 def score_rows(processor) -> int:
     """Query rows whose (rows, H*W) score matrix `processor` builds at once: 0 for the fused kernels
-    (SDPA, xformers), its slice for the sliced one, and every query (memory.ALL_ROWS) for plain matmul
-    and for any processor it does not know."""
+    (SDPA, xformers), its slice for the sliced one, what a processor declares in an int attribute
+    `score_rows`, and every query (memory.ALL_ROWS) for plain matmul and for any other processor."""
+    declared = getattr(processor, "score_rows", None)
+    if isinstance(declared, int) and not isinstance(declared, bool):
+        return declared
     if isinstance(processor, (AttnProcessor2_0, XFormersAttnProcessor)):
         return 0
     if isinstance(processor, SlicedAttnProcessor):

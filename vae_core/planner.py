@@ -14,7 +14,8 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import torch
 
 from . import exact_tiling, memory, precision
-from .attention import Attention, AttnProcessorBase, attention_progress, progress_steps, score_rows
+from .attention import (Attention, AttnProcessorBase, attention_progress, bounded_processor, progress_steps,
+                        score_rows)
 from .layers import Downsample2D, ResnetBlock2D, Upsample2D
 
 logger = logging.getLogger(__name__)
@@ -203,7 +204,9 @@ def layer_progress(kind: str, model, t: torch.Tensor, callback: Optional[Callabl
     if kind == "encode":  # the mid block runs at the encoder's lowest resolution
         for _ in (m for m in part.modules() if isinstance(m, Downsample2D)):
             h, w = (h - 2) // 2 + 1, (w - 2) // 2 + 1
-    total = len(layers) + sum(progress_steps(a.processor, h * w) for a in attentions)
+    # the processors the attention guard will run (a sliced one reports per chunk of queries)
+    procs = [bounded_processor(a.processor, (t.shape[0], a.channels, h, w), t.dtype, t.device) for a in attentions]
+    total = len(layers) + sum(progress_steps(p, h * w) for p in procs)
     done = 0
 
     def tick(*_args) -> None:
@@ -213,9 +216,9 @@ def layer_progress(kind: str, model, t: torch.Tensor, callback: Optional[Callabl
 
     callback(0, total)
     with contextlib.ExitStack() as stack:
-        for a in attentions:
+        for a, p in zip(attentions, procs):
             stack.enter_context(attention_progress(a, tick))
-            if not isinstance(a.processor, AttnProcessorBase):
+            if not isinstance(p, AttnProcessorBase):
                 stack.callback(a.register_forward_hook(tick).remove)  # a foreign processor: one step
         for m in layers:
             stack.callback(m.register_forward_hook(tick).remove)

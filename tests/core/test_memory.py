@@ -177,3 +177,25 @@ def test_model_summary_of_the_nodes_matches_the_config_fields():
                         "mid_block_add_attention", "layers_per_block", "norm_num_groups") if f"config.{f}" in src}
     assert used == {"block_out_channels", "latent_channels", "in_channels", "out_channels", "mid_block_add_attention"}
     assert isinstance(AutoencoderKL().config.block_out_channels, (tuple, list))
+
+
+def test_a_foreign_processor_run_sliced_keeps_progress_within_its_total():
+    model = tiny_vae()
+    calls = []
+    model.set_attn_processor(lambda attn, x, *a, **k: AttnProcessor()(attn, x))  # unknown: counted as matmul
+    z = torch.randn(1, 4, 12, 16, generator=torch.Generator().manual_seed(5))
+    with memory.attention_free_bytes(int(192 * 8 * 10 / memory.SAFETY) + 8):  # ten rows of scores
+        _out, report = planner.run_decode(model, z, callback=lambda d, t: calls.append((d, t)))
+    assert calls[-1][0] == calls[-1][1] and all(d <= t for d, t in calls)
+
+
+def test_a_processor_may_declare_its_score_rows():
+    class Fused:
+        score_rows = 0  # e.g. a wrapped fused kernel: no score matrix
+
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            raise AssertionError("not called")
+
+    proc = Fused()
+    with memory.attention_free_bytes(1024):
+        assert bounded_processor(proc, SD_MID_2048, torch.float32, "cpu") is proc
