@@ -212,7 +212,7 @@ def _tokens(kind: str, shape: Sequence[int], config: Any) -> int:
 def estimate_bytes(kind: str, shape: Sequence[int], dtype: Dtype, config: Any, rows: Optional[int] = None) -> int:
     """Peak bytes above the loaded weights of an untiled `kind` ("encode" or "decode") of an input of
     `shape` (B, C, H, W) (latent shape for decode) in `dtype`. `rows`: the query rows of attention
-    scores the processor builds at once (`processor_rows`), bounded as the attention guard bounds them;
+    scores the processor builds at once (`attention.score_rows`), bounded as the attention guard bounds them;
     None or 0 for a fused processor."""
     size = itemsize(dtype)
     bounded = attention_rows(_tokens(kind, shape, config), rows, size, shape[0])
