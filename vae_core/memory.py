@@ -26,8 +26,9 @@ SAFETY = 0.85
 # Halo (px) a tile carries through a chain of convs between checkpoints (a few latent px).
 HALO_PX = 64
 # An attention score matrix (plus its fp32 softmax) may take at most this many bytes at once, and never
-# more than the budget: above it, queries are sliced. Slices this large run at the speed of one whole
-# matrix (the matmuls stay compute-bound); the 2048^2 SD decode's whole matrix would be 32 GiB.
+# more than the budget: above it, queries are sliced. Slicing costs no time: 8192 positions x 512
+# channels, fp32, one CPU thread, took 6.5-7.0 s whole (512 MiB), sliced at 256 MiB or at 64 MiB
+# (5.8-7.0 s; noise on a shared machine). The 2048^2 SD decode's whole matrix would be 32 GiB.
 ATTENTION_SCORE_CAP = 256 * 2**20
 
 Dtype = Union[torch.dtype, int]  # a torch dtype, or its size in bytes
