@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vae_core import AutoencoderKL, attention, memory, planner
+from vae_core import attention, memory, planner
 from vae_core.attention import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor, bounded_processor
 from vae_core.exact_tiling import exact_tiled_decode
 
@@ -168,15 +168,15 @@ def test_when_one_image_does_not_fit_untiled_the_planner_tiles_and_splits():
     assert f"runs of up to {plan.chunk} image" in plan.reason
 
 
-def test_model_summary_of_the_nodes_matches_the_config_fields():
-    # the web grid carries these fields; memory.py must read nothing else of a config
+def test_the_memory_model_reads_only_the_fields_the_web_grid_carries():
+    # nodes/grid.py MODEL_FIELDS (what akl_grid sends to web/akl_lib.js); a new field read here must go there
     import inspect
+    import re
 
-    src = inspect.getsource(memory)
-    used = {f for f in ("block_out_channels", "latent_channels", "in_channels", "out_channels",
-                        "mid_block_add_attention", "layers_per_block", "norm_num_groups") if f"config.{f}" in src}
+    used = set(re.findall(r"config\.(\w+)", inspect.getsource(memory)))
     assert used == {"block_out_channels", "latent_channels", "in_channels", "out_channels", "mid_block_add_attention"}
-    assert isinstance(AutoencoderKL().config.block_out_channels, (tuple, list))
+    grid_src = (VAE_CORE.parent / "nodes" / "grid.py").read_text()
+    assert all(f'"{f}"' in grid_src for f in used)
 
 
 def test_a_foreign_processor_run_sliced_keeps_progress_within_its_total():
