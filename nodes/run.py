@@ -73,6 +73,9 @@ def pixels_to_image(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 # announced once 1% of its steps has run. A 4096^2 decode in 64 px blend tiles with 32 px overlap is
 # 16,384 tiles, about 6 h on a CPU.
 LONG_RUN_TILES = 2000
+# A long run's time left is announced this many seconds in (after at least three steps) when 1% of
+# its steps takes longer: a 6 h run is timed after about a minute, not 3.6 min.
+EARLY_ESTIMATE_S = 60.0
 
 
 def show_text(text: str) -> None:
@@ -92,8 +95,8 @@ def show_text(text: str) -> None:
 def progress_callback(total: int, notes: Optional[List[str]] = None,
                       announce_over: Optional[int] = None) -> Callable[[int, int], None]:
     """callback(done, total) for the core's tilers: checks Cancel, then moves the node's progress bar.
-    A run of more than `announce_over` steps gets its estimated time announced (see LONG_RUN_TILES),
-    appended to `notes` (the run report's warnings)."""
+    A run of more than `announce_over` steps gets its estimated time left announced (LONG_RUN_TILES,
+    EARLY_ESTIMATE_S), appended to `notes` (the run report's warnings)."""
     pbar = comfy.utils.ProgressBar(max(1, total))
     start = time.perf_counter()
     announced = False
@@ -103,9 +106,13 @@ def progress_callback(total: int, notes: Optional[List[str]] = None,
         nonlocal announced
         mm.throw_exception_if_processing_interrupted()
         pbar.update_absolute(done, max(1, total_now))
-        if not announced and total_now > announce_over and done >= max(1, total_now // 100):
+        if announced or total_now <= announce_over or done < 1:
+            return
+        elapsed = time.perf_counter() - start
+        # after 1% of the steps, or sooner once a few steps took long enough to time
+        if done >= max(1, total_now // 100) or (done >= 3 and elapsed >= EARLY_ESTIMATE_S):
             announced = True
-            eta = (time.perf_counter() - start) / done * (total_now - done)
+            eta = elapsed / done * (total_now - done)
             text = (f"long run: {total_now} steps, about {_duration(eta)} left at the pace of the first {done} "
                     "(Cancel stops it within one step)")
             show_text(text)

@@ -220,6 +220,24 @@ def test_a_tiled_run_of_many_tiles_is_announced_up_front_and_still_cancels(nc, p
         mm.interrupt_current_processing(False)
 
 
+def test_a_long_run_is_timed_after_three_slow_steps_without_waiting_for_one_percent(pack, monkeypatch):
+    run = pack.nodes.run
+    monkeypatch.setattr(run, "EARLY_ESTIMATE_S", 0.0)  # "slow enough to time": any elapsed time here
+    notes = []
+    cb = run.progress_callback(1000, notes, announce_over=10)
+    cb(1, 1000)
+    cb(2, 1000)
+    assert notes == []  # fewer than three steps: too few to time
+    cb(3, 1000)
+    cb(4, 1000)
+    assert len(notes) == 1 and notes[0].startswith("long run: 1000 steps, about") and "first 3" in notes[0]
+    quiet = []
+    short = run.progress_callback(10, quiet, announce_over=10)
+    for i in range(1, 11):
+        short(i, 10)
+    assert quiet == []  # not a long run
+
+
 def test_short_runs_carry_no_warning(nc, good_vae):
     report = nc.AutoencoderKLDecodeTiled().decode({"samples": torch.zeros(1, 4, 24, 24)}, good_vae, 64, 16,
                                                   "blend")["ui"]["akl_run"][0]
