@@ -168,7 +168,7 @@ def main() -> None:
     sys.path.insert(0, ROOT)
     import torch
 
-    from vae_core import AutoencoderKLConfig, planner
+    from vae_core import AutoencoderKLConfig, memory
 
     cfg = AutoencoderKLConfig(**SD_CONFIG)
     print(f"# SD-size random-weight VAE {SD_CONFIG['block_out_channels']}, {args.dtype}, batch {args.batch}, "
@@ -183,7 +183,7 @@ def main() -> None:
                     print(f"{kind} {size}: untiled failed: {ref['error']}")
                     continue
                 shape = (args.batch, 4 if kind == "decode" else 3) + ((size // 8,) * 2 if kind == "decode" else (size,) * 2)
-                est = planner.estimate_bytes(kind, shape, {"fp32": torch.float32, "bf16": torch.bfloat16,
+                est = memory.estimate_bytes(kind, shape, {"fp32": torch.float32, "bf16": torch.bfloat16,
                                                            "fp16": torch.float16}[args.dtype], cfg)
                 print(f"\n## {kind} {size}x{size}: untiled {ref['seconds']:.1f} s, peak {_gib(ref['peak']):.2f} GiB, "
                       f"delta {_gib(ref['peak'] - ref['base']):.2f} GiB; planner estimate {_gib(est):.2f} GiB "
@@ -206,7 +206,7 @@ def main() -> None:
                             continue
                         psnr, maxerr = _compare(ref["path"], res["path"], kind)
                         delta = max(1, res["peak"] - res["base"])
-                        est_t = (f"{planner.estimate_tiled_bytes(kind, shape, torch_dtype, cfg, tile) / delta:.2f}"
+                        est_t = (f"{memory.estimate_tiled_bytes(kind, shape, torch_dtype, cfg, tile) / delta:.2f}"
                                  if method == "exact-lean" else "")
                         print(f"| {method} | {tile} | {psnr:.1f} | {maxerr:.2e} | {_gib(res['peak']):.2f} | "
                               f"{res['peak'] / ref['peak']:.2f} | "

@@ -123,17 +123,20 @@ class AutoencoderKLVAE(comfy.sd.VAE):
         return torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)
 
     def memory_used_encode(self, shape, dtype) -> float:
-        from .grid import estimate_bytes
-
-        return estimate_bytes("encode", shape[0], shape[-2], shape[-1], self.core.config.block_out_channels[0],
-                              mm.dtype_size(dtype))
+        """Bytes to encode ONE image of pixel shape (B, C, H, W) (the host divides free memory by it to
+        split a batch, as its own KL-VAE lambdas ignore B), from vae_core.memory."""
+        return self._memory_used("encode", shape, dtype)
 
     def memory_used_decode(self, shape, dtype) -> float:
-        from .grid import estimate_bytes
+        """Bytes to decode ONE latent of shape (B, C, h, w); see memory_used_encode."""
+        return self._memory_used("decode", shape, dtype)
 
-        f = self.upscale_ratio
-        return estimate_bytes("decode", shape[0], shape[-2] * f, shape[-1] * f,
-                              self.core.config.block_out_channels[0], mm.dtype_size(dtype))
+    def _memory_used(self, kind: str, shape, dtype) -> int:
+        from ..vae_core.attention import score_rows
+        from ..vae_core.memory import estimate_bytes
+
+        rows = max((score_rows(p) for p in self.attn_processors.values()), default=0)
+        return estimate_bytes(kind, (1,) + tuple(shape[1:]), dtype, self.core.config, rows)
 
     def get_sd(self) -> Dict[str, torch.Tensor]:
         """The weights in the LDM layout the host (and VAESave -> VAELoader) uses."""

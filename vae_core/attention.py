@@ -7,6 +7,7 @@ with `register_attn_processor`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Callable, Dict, Iterator, Optional
 
@@ -14,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import memory
 from .norm import GroupNorm
+
+logger = logging.getLogger(__name__)
 
 NORM_EPS = 1e-6
 
@@ -52,7 +56,8 @@ class Attention(nn.Module):
         return self.processor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.processor(self, x)
+        # every call is bounded: a processor whose score matrix would not fit runs sliced instead
+        return bounded_processor(self.processor, x.shape, x.dtype, x.device)(self, x)
 
 
 # -- processors ----------------------------------------------------------------------
@@ -195,6 +200,49 @@ class XFormersAttnProcessor(AttnProcessorBase):
         import xformers.ops
 
         return xformers.ops.memory_efficient_attention(q, k, v, op=self.attention_op, scale=attn.scale)
+
+
+# -- the attention guard -------------------------------------------------------------
+
+
+def score_rows(processor) -> int:
+    """Query rows whose (rows, H*W) score matrix `processor` builds at once: 0 for the fused kernels
+    (SDPA, xformers), its slice for the sliced one, what a processor declares in an int attribute
+    `score_rows`, and every query (memory.ALL_ROWS) for plain matmul and for any other processor."""
+    declared = getattr(processor, "score_rows", None)
+    if isinstance(declared, int) and not isinstance(declared, bool):
+        return declared
+    if isinstance(processor, (AttnProcessor2_0, XFormersAttnProcessor)):
+        return 0
+    if isinstance(processor, SlicedAttnProcessor):
+        return processor.slice_size
+    return memory.ALL_ROWS
+
+
+def bounded_processor(processor, shape, dtype: torch.dtype, device) -> Callable:
+    """`processor`, unless the score matrices it would build for an input of `shape` (B, C, H, W) exceed
+    the attention budget (`memory.attention_budget`): then the sliced form of the same maths, sized to
+    fit. Raises ValueError when not even one query row fits."""
+    b, _c, h, w = shape
+    tokens = h * w
+    rows = min(score_rows(processor), tokens)
+    if rows == 0:
+        return processor
+    limit = memory.attention_budget(device)
+    need = memory.score_bytes(b, rows, tokens, dtype)
+    if need <= limit:
+        return processor
+    fit = memory.rows_within(limit, b, tokens, dtype)
+    if fit < 1:
+        raise ValueError(
+            f"VAE attention over {tokens} positions (batch {b}) needs {need / 2**20:.0f} MiB of score matrices "
+            f"with {type(processor).__name__}, and even one query row ({memory.score_bytes(b, 1, tokens, dtype)} "
+            f"bytes) exceeds the {limit} bytes free memory leaves for it; use a smaller image or batch, or free "
+            "memory (unload other models)")
+    logger.info("attention: %s would build %.1f GiB of score matrices for %d positions; running it as "
+                "SlicedAttnProcessor(slice_size=%d) within %.0f MiB", type(processor).__name__, need / 2**30,
+                tokens, fit, limit / 2**20)
+    return SlicedAttnProcessor(fit)
 
 
 # -- registry ----------------------------------------------------------------------

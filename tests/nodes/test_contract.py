@@ -16,8 +16,8 @@ OPTIONAL = {
     "AutoencoderKLLoader": {"dtype": "auto"},
     "AutoencoderKLEncode": {"posterior": "mode", "seed": 0},
     "AutoencoderKLDecode": {},
-    "AutoencoderKLEncodeTiled": {"method": "blend"},
-    "AutoencoderKLDecodeTiled": {"method": "blend"},
+    "AutoencoderKLEncodeTiled": {"method": "exact"},
+    "AutoencoderKLDecodeTiled": {"method": "exact"},
     "AutoencoderKLSetAttentionProcessor": {"slice_size": 1024},
 }
 OUTPUTS = {

@@ -6,7 +6,6 @@ Needs `scripts/setup_browser.sh` (chromium + tests/web/node_modules) and `script
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -32,10 +31,9 @@ CARD_LABELS = ("Family", "Latent channels", "Scaling factor", "Shift factor", "D
 
 
 def _grid_module():
-    spec = importlib.util.spec_from_file_location("akl_grid_for_browser", REPO_ROOT / "nodes" / "grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from test_js_logic import _grid_module as load  # nodes/grid.py without the host (it imports vae_core)
+
+    return load()
 
 
 def _comfy_server_module():
@@ -212,8 +210,10 @@ def test_changing_tile_size_updates_grid(browser_run):
     panel = _panel(changed["panels"], "AutoencoderKLDecodeTiled")
     card = _history_output(history, "AutoencoderKLLoader", "akl_card")
     dtype_bytes = {"fp32": 4, "fp16": 2, "bf16": 2}[card["dtype"]]
-    want = grid.tile_grid(IMAGE_H, IMAGE_W, NEW_TILE, 32, "blend", card["latent_channels"],
-                          card["block_out_channels"][0], dtype_bytes, 1, "decode")
+    served = _history_output(history, "AutoencoderKLDecodeTiled", "akl_grid")
+    assert served["model"]["block_out_channels"] == card["block_out_channels"]
+    want = grid.tile_grid(IMAGE_H, IMAGE_W, NEW_TILE, 32, "blend", dtype_bytes=dtype_bytes, batch=1,
+                          direction="decode", model=served["model"])
     assert panel["shown_grid"] == want
     assert panel["rows"]["Grid"] == f"{want['rows']} × {want['cols']} ({want['tiles']} tiles)" == "1 × 2 (2 tiles)"
     # the other tiled node keeps its own settings
