@@ -145,9 +145,14 @@ def _refusal_detail(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     for line in lines:
         if "WeightsUnpickler error:" in line:
-            detail = line.split("WeightsUnpickler error:", 1)[1].strip()
-            return detail.split(" Please use `torch.serialization.", 1)[0].strip()
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+        if "GLOBAL " in line or line is not lines[0] and not line.startswith(_TORCH_ADVICE):
+            return line.split(" Please use `torch.serialization.", 1)[0].strip()
     return lines[0] if lines else type(err).__name__
+
+
+# the lines of torch's weights-only refusal that say how to load anyway, not what was refused
+_TORCH_ADVICE = ("Weights only load failed", "(1)", "(2)", "Check the documentation", "In PyTorch 2.6")
 
 
 def _tensors_of_checkpoint(obj: Any, p: Path) -> Dict[str, torch.Tensor]:
