@@ -316,8 +316,8 @@ def _float8_fixture(d: Path, dtype: torch.dtype, name: str, seed: int, scaled: b
 
 @layout
 def float8_e4m3fn(d: Path) -> Fixture:
-    """A VAE stored in float8_e4m3fn, as fp8 "all-in-one" exports and Kijai-style fp8 conversions
-    ship it (LDM keys, every tensor float8)."""
+    """A VAE stored in float8_e4m3fn (LDM keys, every tensor float8), as a whole checkpoint saved with
+    an fp8 weight dtype carries it; diffusers and ComfyUI upcast such tensors on load (issue 11)."""
     return _float8_fixture(d, torch.float8_e4m3fn, "vae_fp8_e4m3fn.safetensors", 6, scaled=False)
 
 
@@ -562,8 +562,9 @@ def diffusers_folder_fp16_only(d: Path) -> Fixture:
 
 @layout
 def ldm_linear_attention(d: Path) -> Fixture:
-    """An LDM single file whose mid attention q/k/v/proj_out are linear (C, C), as diffusers' own
-    diffusers->LDM conversion script and some SDXL VAE re-exports store them."""
+    """An LDM single file whose mid attention q/k/v/proj_out are linear (C, C), the shape diffusers
+    stores them in, kept by converters that rename keys without reshaping (ComfyUI's
+    diffusers_convert.reshape_weight_for_sd and diffusers' conv_attn_to_linear exist to bridge both)."""
     w = source_weights("sd", seed=26)
     raw = {k: (v[:, :, 0, 0].contiguous() if ".attn_1." in k and v.ndim == 4 else v) for k, v in _ldm(w).items()}
     path = d / "vae_linear_attn.safetensors"

@@ -224,6 +224,14 @@ def test_playground_family_by_name_or_metadata(tmp_path):
     path = _ldm_with(tmp_path, {})
     model = AutoencoderKL.from_single_file(path, family="playground-v2-5")
     assert model.config.scaling_factor == 0.5 and model.config.latents_mean == pytest.approx(PLAYGROUND_MEAN)
+    # a standalone VAE with edm_mean/edm_std beside its keys: they are family markers, and its statistics
+    mean, std = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([1.0, 2.0, 3.0, 4.0])
+    marked = _ldm_with(tmp_path, {"edm_mean": mean.view(1, 4, 1, 1), "edm_std": std.view(1, 4, 1, 1)},
+                       name="marked.safetensors")
+    model = AutoencoderKL.from_single_file(marked)
+    assert model.info["family"] == "playground-v2-5" and model.config.scaling_factor == 0.5
+    assert model.config.latents_mean == pytest.approx(mean.tolist())
+    assert model.config.latents_std == pytest.approx(std.tolist())
     cfg = convert.infer_config(source_weights("sd"))
     for arch, family in [("playground-v2.5-1024px-aesthetic", "playground-v2-5"),
                          ("stable-diffusion-v3-medium", "sd3"), ("stable-diffusion-v3.5-large", "sd3"),
