@@ -6,6 +6,7 @@ Every failure is a `VAELoadError` (a ValueError) naming the file and what was wr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -87,7 +88,7 @@ def read_state_dict(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
         return sd, metadata, kind
     try:
         # a file object, not the path: torch.load hands any path ending in .safetensors to safetensors
-        with open(p, "rb") as f, torch.serialization.safe_globals(_legacy_checkpoint_globals()):
+        with open(p, "rb") as f, _allowing(_legacy_checkpoint_globals()):
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise VAELoadError(
@@ -134,9 +135,17 @@ def _legacy_checkpoint_globals():
         (_LightningModelCheckpoint, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
         (_numpy_scalar, "numpy.core.multiarray.scalar"),
         (np.dtype, "numpy.dtype"),
-        (np.dtypes.Float64DType, "numpy.dtypes.Float64DType"),
+        (type(np.dtype("float64")), "numpy.dtypes.Float64DType"),  # np.dtypes.Float64DType (numpy >= 1.25)
         (_codecs.encode, "_codecs.encode"),  # how protocol-2 pickles store bytes
     ]
+
+
+def _allowing(pairs):
+    """torch's safe_globals context for the duration of one read. The (object, name) pairs need
+    torch >= 2.6 (the host's own floor for safe loading is 2.4); without the context (torch < 2.5)
+    nothing extra is allowed, and those checkpoints are refused like any other pickle."""
+    context = getattr(torch.serialization, "safe_globals", None)
+    return context(pairs) if context is not None else contextlib.nullcontext()
 
 
 def _refusal_detail(err: Exception) -> str:
