@@ -58,6 +58,9 @@ class Fixture:
     vae_prefix: str = ""  # prefix of the VAE keys in raw
     torch_dtype: Optional[torch.dtype] = None  # passed to the loader
     latents_mean: Optional[Tuple[float, ...]] = None  # expected config.latents_mean
+    # diffusers' own loader (from_single_file / from_pretrained) reads exactly `weights` from the file;
+    # False, with the reason in the builder, where it fails or computes with other weights
+    diffusers_reads: bool = True
 
     @property
     def config(self) -> dict:
@@ -273,7 +276,9 @@ def kl_f4_lightning_ckpt(d: Path) -> Fixture:
         "callbacks": {mc: {"monitor": "val/rec_loss", "best_model_score": _NumpyScalarV1(0.25),
                            "best_model_path": "logs/checkpoints/last.ckpt"}},
     }, path)
-    return Fixture(path, "kl_f4", w, raw, None, logged=("loss.*", "callbacks"), container="zip-pickle")
+    # diffusers refuses it (its weights-only load does not allow these globals), as issue 11 saw
+    return Fixture(path, "kl_f4", w, raw, None, logged=("loss.*", "callbacks"), container="zip-pickle",
+                   diffusers_reads=False)
 
 
 @layout
@@ -311,7 +316,8 @@ def _float8_fixture(d: Path, dtype: torch.dtype, name: str, seed: int, scaled: b
               for k, v in raw.items() if k in ldm}
     path = d / name
     save_file(raw, str(path))
-    return Fixture(path, "sd", diffusers_view(upcast, "sd"), raw, None, logged=("float8",))
+    # diffusers drops ComfyUI's scale tensors and computes with the scaled-down weights
+    return Fixture(path, "sd", diffusers_view(upcast, "sd"), raw, None, logged=("float8",), diffusers_reads=not scaled)
 
 
 @layout
@@ -346,7 +352,7 @@ def zip_named_safetensors(d: Path) -> Fixture:
     raw = _ldm(w)
     path = d / "renamed_ckpt.safetensors"
     torch.save({"state_dict": raw}, str(path))
-    return Fixture(path, "sd", w, raw, None, container="zip-pickle")
+    return Fixture(path, "sd", w, raw, None, container="zip-pickle", diffusers_reads=False)  # it goes by the name
 
 
 @layout
@@ -356,7 +362,7 @@ def safetensors_named_ckpt(d: Path) -> Fixture:
     raw = _ldm(w)
     path = d / "renamed_safetensors.ckpt"
     save_file(raw, str(path))
-    return Fixture(path, "sd", w, raw, None)
+    return Fixture(path, "sd", w, raw, None, diffusers_reads=False)  # diffusers goes by the name
 
 
 # -- FLUX.1 ---------------------------------------------------------------------------------------------
@@ -542,7 +548,8 @@ def diffusers_names_pre014_single_file(d: Path) -> Fixture:
     raw = _old_diffusers_names(w)
     path = d / "sd-vae-ft-mse-diffusers-old.safetensors"
     save_file(raw, str(path))
-    return Fixture(path, "sd", w, raw, None, ldm=False)
+    # diffusers' from_single_file does not rename pre-0.14 attention keys (it fails on them)
+    return Fixture(path, "sd", w, raw, None, ldm=False, diffusers_reads=False)
 
 
 @layout

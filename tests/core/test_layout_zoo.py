@@ -25,6 +25,26 @@ def _load(fixture):
     return AutoencoderKL.from_single_file(fixture.path, torch_dtype=fixture.torch_dtype)
 
 
+def _diffusers_reads(fixture, config_dir: Path):
+    """The state dict diffusers' AutoencoderKL.from_single_file / from_pretrained makes of the file
+    (from_single_file given a local diffusers config, so nothing is fetched)."""
+    import json
+
+    if fixture.path.is_dir():
+        fp16_only = not any(fixture.path.glob("diffusion_pytorch_model.safetensors")) and \
+            any(fixture.path.glob("diffusion_pytorch_model.fp16.safetensors"))
+        model = diffusers.AutoencoderKL.from_pretrained(fixture.path, variant="fp16" if fp16_only else None,
+                                                        torch_dtype=torch.float32)
+    else:
+        config_dir.mkdir(exist_ok=True)
+        cfg = {"_class_name": "AutoencoderKL", **{k: list(v) if isinstance(v, tuple) else v
+                                                  for k, v in fixture.config.items()}}
+        (config_dir / "config.json").write_text(json.dumps(cfg))
+        model = diffusers.AutoencoderKL.from_single_file(str(fixture.path), config=str(config_dir),
+                                                         torch_dtype=torch.float32)
+    return model.state_dict()
+
+
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_layout_loads_with_its_family_and_decodes_like_diffusers(name, tmp_path, caplog):
     fixture = LAYOUTS[name](tmp_path)
@@ -54,6 +74,12 @@ def test_layout_loads_with_its_family_and_decodes_like_diffusers(name, tmp_path,
                   if not k.endswith((".scale_weight", ".scale_input"))}  # it carries ComfyUI's fp8 scales along
         assert {k: tuple(v.shape[:2]) for k, v in mapped.items()} == \
                {k: tuple(v.shape[:2]) for k, v in fixture.weights.items()}
+
+    if fixture.diffusers_reads:  # diffusers' own loader reads the same weights from the same file
+        read = _diffusers_reads(fixture, tmp_path / "diffusers_config")
+        assert set(read) == set(fixture.weights)
+        for key, value in fixture.weights.items():
+            assert torch.equal(read[key].to(torch.float32), value), key
 
     ref = diffusers.AutoencoderKL(**fixture.config).eval()
     ref.load_state_dict(fixture.weights, strict=True)
