@@ -269,3 +269,30 @@ def test_playground_family_by_name_or_metadata(tmp_path):
     full = {"edm_mean": torch.zeros(1, 4, 1, 1), "edm_std": torch.ones(1, 4, 1, 1)}
     assert convert.detect_family(cfg, full, {"modelspec.architecture": "stable-diffusion-xl-v1-base"})[0] == \
         "playground-v2-5"
+
+
+def test_a_playground_config_json_names_its_family():
+    from vae_core import AutoencoderKLConfig
+
+    base = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2)
+    playground = AutoencoderKLConfig(**base, scaling_factor=0.5, latents_mean=PLAYGROUND_MEAN,
+                                     latents_std=(8.4927, 5.9022, 6.5498, 5.2299))
+    assert loading._family_from_config(playground)[0] == "playground-v2-5"
+    assert loading._family_from_config(AutoencoderKLConfig(**base, scaling_factor=0.5))[0] is None
+    assert loading._family_from_config(AutoencoderKLConfig(**base, scaling_factor=0.13025))[0] == "sdxl"
+
+
+def test_comfy_mixed_precision_scale_names_dequantize_too():
+    """ComfyUI's newer per-layer quantisation (comfy/ops.py MixedPrecisionOps) names the scales
+    `weight_scale` / `input_scale`; the result is weight * scale in float32, the scales consumed."""
+    w = torch.randn(4, 4, 3, 3)
+    scale = torch.tensor(0.01)
+    stored = (w / scale).to(torch.float8_e4m3fn)
+    out, upcast = convert.dequantize_float8({"decoder.conv_in.weight": stored, "decoder.conv_in.weight_scale": scale,
+                                             "decoder.conv_in.input_scale": torch.tensor(1.0),
+                                             "decoder.conv_in.bias": torch.zeros(4, dtype=torch.bfloat16)})
+    assert upcast == 1 and set(out) == {"decoder.conv_in.weight", "decoder.conv_in.bias"}
+    assert out["decoder.conv_in.weight"].dtype == torch.float32
+    assert torch.equal(out["decoder.conv_in.weight"], stored.to(torch.float32) * scale)
+    assert out["decoder.conv_in.bias"].dtype == torch.bfloat16  # non-float8 tensors are left as stored
