@@ -6,6 +6,7 @@ Every failure is a `VAELoadError` (a ValueError) naming the file and what was wr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,8 @@ CONFIG_NAME = "config.json"
 META_CONFIG = "vae_core.config"
 META_FAMILY = "vae_core.family"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_CONTAINER_NAMES = {"safetensors": "safetensors file", "zip-pickle": "torch zip checkpoint (torch.save)",
+                    "pickle": "legacy torch pickle"}
 
 
 class VAELoadError(ValueError):
@@ -84,23 +87,95 @@ def read_state_dict(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
             raise VAELoadError(f"{p}: corrupt or truncated safetensors file: {err}") from err
         return sd, metadata, kind
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        # a file object, not the path: torch.load hands any path ending in .safetensors to safetensors
+        with open(p, "rb") as f, _allowing(_legacy_checkpoint_globals()):
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise VAELoadError(
             f"{p}: refused to load: this pickle holds more than tensors (it may run code when unpickled), "
             f"and only weights_only=True loading is allowed. Convert it to .safetensors with a tool you trust. "
-            f"Detail: {str(err).splitlines()[0]}"
+            f"Detail: {_refusal_detail(err)}"
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, AttributeError,
             IndexError, TypeError, OverflowError, AssertionError) as err:
         # a damaged pickle stream fails in many ways; torch's weights-only unpickler even asserts
-        raise VAELoadError(f"{p}: corrupt or truncated checkpoint: {type(err).__name__}: {err}") from err
+        raise VAELoadError(f"{p}: corrupt or truncated {_CONTAINER_NAMES[kind]}: {type(err).__name__}: {err}") from err
+    return _tensors_of_checkpoint(obj, p), {}, kind
+
+
+# -- what a torch checkpoint holds besides the weights ------------------------------------------
+
+
+class _LightningModelCheckpoint:
+    """Stands in for pytorch_lightning's ModelCheckpoint class, which SD-era checkpoints name as a dict key
+    (their `callbacks` entry). It is only ever a key: nothing of Lightning is imported or run."""
+
+
+def _numpy_scalar(dtype, data=None):
+    """numpy 1.x's scalar(dtype, bytes), as a pickle names it, for numeric dtypes only (a score or a
+    learning rate in Lightning's callback state); refuses the object dtype, whose bytes would be a pointer."""
+    import numpy as np
+
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, bytes) \
+            or len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError(f"numpy.core.multiarray.scalar with dtype {dtype!r}: only numeric scalars "
+                                     "are allowed in a checkpoint")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+def _legacy_checkpoint_globals():
+    """The inert globals old Lightning checkpoints name, as (object, pickled name) pairs: the set the host
+    (ComfyUI's comfy/utils.py) allowlists, and no more. Pairs, so leaving the context never removes an
+    entry the host added itself."""
+    import _codecs
+
+    import numpy as np
+
+    return [
+        (_LightningModelCheckpoint, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+        (_numpy_scalar, "numpy.core.multiarray.scalar"),
+        (np.dtype, "numpy.dtype"),
+        (type(np.dtype("float64")), "numpy.dtypes.Float64DType"),  # np.dtypes.Float64DType (numpy >= 1.25)
+        (_codecs.encode, "_codecs.encode"),  # how protocol-2 pickles store bytes
+    ]
+
+
+def _allowing(pairs):
+    """torch's safe_globals context for the duration of one read. The (object, name) pairs need
+    torch >= 2.6 (the host's own floor for safe loading is 2.4); without the context (torch < 2.5)
+    nothing extra is allowed, and those checkpoints are refused like any other pickle."""
+    context = getattr(torch.serialization, "safe_globals", None)
+    return context(pairs) if context is not None else contextlib.nullcontext()
+
+
+def _refusal_detail(err: Exception) -> str:
+    """The line of torch's refusal that names what the pickle asked for (e.g. the unsupported global),
+    without torch's advice to allowlist it or to load with weights_only=False."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+        if "GLOBAL " in line or line is not lines[0] and not line.startswith(_TORCH_ADVICE):
+            return line.split(" Please use `torch.serialization.", 1)[0].strip()
+    return lines[0] if lines else type(err).__name__
+
+
+# the lines of torch's weights-only refusal that say how to load anyway, not what was refused
+_TORCH_ADVICE = ("Weights only load failed", "(1)", "(2)", "Check the documentation", "In PyTorch 2.6")
+
+
+def _tensors_of_checkpoint(obj: Any, p: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of an unpickled checkpoint: `obj` itself, or its `state_dict` entry (Lightning, whose
+    training state beside it, e.g. global_step, epoch, pytorch-lightning_version, callbacks,
+    optimizer_states, is never weights: it is dropped, by name, in an info log line)."""
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        beside = sorted(str(k) for k in obj if k != "state_dict")
+        if beside:
+            logger.info("%s: ignored the training state beside 'state_dict': %s", p, ", ".join(beside))
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise VAELoadError(f"{p}: expected a dict of tensors, found a {type(obj).__name__}")
-    sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    return sd, {}, kind
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
 # -- building a model from a state dict -------------------------------------------------------
@@ -109,8 +184,11 @@ def read_state_dict(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
 def _check_tensors(sd: Dict[str, torch.Tensor], source: str) -> None:
     bad = [k for k, v in sd.items() if v.dtype not in _FLOAT_DTYPES]
     if bad:
-        raise VAELoadError(f"{source}: VAE weights must be floating point; {convert._first(bad)} "
-                           f"{'is' if len(bad) == 1 else 'are'} {sd[bad[0]].dtype}")
+        raise VAELoadError(
+            f"{source}: VAE weights must be floating point (float32, float16, bfloat16, float64, or float8, which "
+            f"is upcast); {convert._first(bad)} {'is' if len(bad) == 1 else 'are'} {sd[bad[0]].dtype}: integer or "
+            "packed quantised data (e.g. GGUF, bitsandbytes NF4/int8) this loader does not dequantise; use a "
+            "float16/bfloat16/float32 export of the VAE")
     # A flipped exponent bit or a broken export leaves NaN/inf in a weight: every image would come out
     # black or broken, so refuse the file here, naming the tensor, rather than at the first decode.
     broken = [k for k, v in sd.items() if not bool(torch.isfinite(v).all())]
@@ -180,11 +258,21 @@ def from_state_dict(cls, sd: Dict[str, torch.Tensor], config: Any = None, family
     vae_sd, prefix = convert.strip_vae_prefix(sd)
     if not vae_sd:
         raise VAELoadError(f"{source}: the file holds no tensors")
+    # a standalone file may carry Playground's edm_mean/edm_std beside the VAE keys: family markers, not weights
+    markers = [k for k in convert.PLAYGROUND_KEYS if prefix is None and k in vae_sd]
+    vae_sd = {k: v for k, v in vae_sd.items() if k not in markers}
+    weights, dropped = convert.drop_training_leftovers(vae_sd)
     try:
-        dsd, layout = convert.to_diffusers_layout(vae_sd)
+        weights, upcast = convert.dequantize_float8(weights)
+        dsd, layout = convert.to_diffusers_layout(weights if weights else vae_sd)
     except ValueError as err:
         hint = _what_is_it(vae_sd)
         raise VAELoadError(f"{source}: {err}{hint}") from None
+    if dropped:
+        logger.info("%s: ignored training leftovers: %s", source,
+                    "; ".join(f"{what}: {n} tensor{'s' if n > 1 else ''}" for what, n in dropped.items()))
+    if upcast:
+        logger.info("%s: %d float8 tensors upcast to float32", source, upcast)
     _check_tensors(dsd, source)
     cfg = _resolve_config(config, source)
     cfg_origin = "given"
@@ -200,16 +288,14 @@ def from_state_dict(cls, sd: Dict[str, torch.Tensor], config: Any = None, family
         except ValueError as err:
             raise VAELoadError(f"{source}: {err}") from None
         cfg_origin = "inferred from shapes"
-    detected, reason = convert.detect_family(cfg, full if prefix else None, metadata)
+    detected, reason = convert.detect_family(cfg, full if prefix or markers else None, metadata)
     if family is not None:
         fam = get_family(family)
         detected, reason = fam.name, "given (family=)"
-        cfg = AutoencoderKLConfig(**{**cfg.to_dict(), "scaling_factor": fam.scaling_factor,
-                                     "shift_factor": fam.shift_factor})
+        cfg = _with_family(cfg, fam, full)
     elif cfg_origin == "inferred from shapes" and detected is not None:
         fam = get_family(detected)
-        cfg = AutoencoderKLConfig(**{**cfg.to_dict(), "scaling_factor": fam.scaling_factor,
-                                     "shift_factor": fam.shift_factor, "sample_size": fam.sample_size})
+        cfg = _with_family(cfg, fam, full, sample_size=fam.sample_size)
     if detected is not None and cfg_origin == "inferred from shapes" and "assumed" in reason:
         logger.warning("%s: %s", source, reason)
     try:
@@ -232,6 +318,20 @@ def from_state_dict(cls, sd: Dict[str, torch.Tensor], config: Any = None, family
         "source": source,
     }
     return model
+
+
+def _with_family(cfg: AutoencoderKLConfig, fam, full: Dict[str, torch.Tensor], **more) -> AutoencoderKLConfig:
+    """cfg with the family's scaling, shift and latent statistics. Playground's statistics come from
+    the checkpoint's own edm_mean/edm_std when it has them (as diffusers' single-file loader does),
+    otherwise from the published config."""
+    mean, std = fam.latents_mean, fam.latents_std
+    if mean is not None and all(k in full for k in convert.PLAYGROUND_KEYS):
+        stats = [full[k].detach().to(torch.float32).flatten() for k in convert.PLAYGROUND_KEYS]
+        if all(t.numel() == cfg.latent_channels for t in stats):
+            mean, std = (tuple(t.tolist()) for t in stats)
+    return AutoencoderKLConfig(**{**cfg.to_dict(), "scaling_factor": fam.scaling_factor,
+                                  "shift_factor": fam.shift_factor, "latents_mean": mean, "latents_std": std,
+                                  **more})
 
 
 def _what_is_it(sd: Dict[str, torch.Tensor]) -> str:
@@ -310,11 +410,12 @@ def load_pretrained(cls, path: PathLike, subfolder: Optional[str] = None, torch_
 def _family_from_config(cfg: AutoencoderKLConfig) -> Tuple[Optional[str], str]:
     if tuple(cfg.block_out_channels) != (128, 256, 512, 512):
         return None, "config.json: the widths match no published family"
-    for name in ("sd1", "sdxl", "sd3", "flux"):
+    for name in ("sd1", "sdxl", "sd3", "flux", "playground-v2-5"):
         fam = get_family(name)
         if (cfg.latent_channels == fam.latent_channels and abs(cfg.scaling_factor - fam.scaling_factor) < 1e-6
-                and (cfg.shift_factor or None) == fam.shift_factor):
-            return name, "config.json scaling/shift factors"
+                and (cfg.shift_factor or None) == fam.shift_factor
+                and (fam.latents_mean is None or cfg.latents_mean is not None)):
+            return name, "config.json scaling/shift factors" + (" and latents_mean/std" if fam.latents_mean else "")
     return None, "config.json matches no published family"
 
 
