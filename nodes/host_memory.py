@@ -28,10 +28,10 @@ def _read(path: str) -> Optional[str]:
         return None
 
 
-def _own_cgroup_dirs(root: str) -> list:
+def _own_cgroup_dirs(root: str, membership: str = "/proc/self/cgroup") -> list:
     """The cgroup directories that bound this process: v2's (the unified line of /proc/self/cgroup)
     and v1's memory controller, each with its ancestors up to the mount point."""
-    lines = (_read("/proc/self/cgroup") or "").splitlines()
+    lines = (_read(membership) or "").splitlines()
     rels = []
     for line in lines:
         parts = line.split(":", 2)
@@ -70,11 +70,11 @@ def _inactive_file(stat: Optional[str]) -> int:
     return 0
 
 
-def cgroup_available(root: str = CGROUP_ROOT) -> Optional[int]:
+def cgroup_available(root: str = CGROUP_ROOT, membership: str = "/proc/self/cgroup") -> Optional[int]:
     """Bytes this process's cgroup still lets it take (the tightest limit minus what is charged,
     less the droppable page cache), None when no cgroup limits it."""
     best = None
-    for d in _own_cgroup_dirs(root):
+    for d in _own_cgroup_dirs(root, membership):
         for limit_name, usage_name in (("memory.max", "memory.current"),
                                        ("memory.limit_in_bytes", "memory.usage_in_bytes")):
             raw_limit, raw_usage = _read(os.path.join(d, limit_name)), _read(os.path.join(d, usage_name))
