@@ -51,13 +51,13 @@ def run_vae_save(vae, prefix: str) -> str:
     from comfy_extras.nodes_model_merging import VAESave
 
     with torch.inference_mode():
-        if getattr(VAESave, "FUNCTION", None):
-            node = VAESave()
-            getattr(node, VAESave.FUNCTION)(vae, prefix)
-            return node.output_dir
-        # V3: a class clone with empty hidden inputs (prompt, extra_pnginfo), as the executor makes
-        VAESave.PREPARE_CLASS_CLONE(None).execute(vae=vae, filename_prefix=prefix)
-        return folder_paths.get_output_directory()
+        if hasattr(VAESave, "PREPARE_CLASS_CLONE"):  # V3 (it has a FUNCTION too, for V1 callers)
+            # a class clone with empty hidden inputs (prompt, extra_pnginfo), as the executor makes
+            VAESave.PREPARE_CLASS_CLONE(None).execute(vae=vae, filename_prefix=prefix)
+            return folder_paths.get_output_directory()
+        node = VAESave()
+        getattr(node, VAESave.FUNCTION)(vae, prefix)
+        return node.output_dir
 
 
 def test_host_vaesave_writes_a_file_our_loader_reads_back(host, nc, pack, loader):
@@ -71,6 +71,42 @@ def test_host_vaesave_writes_a_file_our_loader_reads_back(host, nc, pack, loader
 
     sd = load_file(path)
     assert "encoder.down.0.block.0.conv1.weight" in sd
+    back = pack.vae_core.AutoencoderKL.from_single_file(path)
+    for (k, a), b in zip(loader.core.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+    os.remove(path)
+
+
+def test_vaesave_through_the_v3_api_as_newer_hosts_define_it(host, pack, loader, monkeypatch):
+    """Newer hosts define VAESave as a V3 node (classmethod execute, hidden prompt/extra_pnginfo, the
+    output folder from folder_paths). A stand-in written from that shape, on the installed host's own
+    comfy_api ComfyNode, takes run_vae_save's V3 path."""
+    import os
+
+    import comfy.utils
+    import comfy_extras.nodes_model_merging as merging
+    import folder_paths
+    from comfy_api.latest import io
+
+    class VAESaveV3(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="VAESave", category="advanced/model_merging",
+                             inputs=[io.Vae.Input("vae"), io.String.Input("filename_prefix")],
+                             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo], is_output_node=True)
+
+        @classmethod
+        def execute(cls, vae, filename_prefix):
+            assert cls.hidden.prompt is None and cls.hidden.extra_pnginfo is None
+            folder, name, counter, _sub, _prefix = folder_paths.get_save_image_path(
+                filename_prefix, folder_paths.get_output_directory())
+            comfy.utils.save_torch_file(vae.get_sd(), os.path.join(folder, f"{name}_{counter:05}_.safetensors"))
+            return io.NodeOutput()
+
+    monkeypatch.setattr(merging, "VAESave", VAESaveV3)
+    out_dir = os.path.join(run_vae_save(loader, "vae/akl_saved_v3"), "vae")
+    saved = sorted(f for f in os.listdir(out_dir) if f.startswith("akl_saved_v3"))[-1]
+    path = os.path.join(out_dir, saved)
     back = pack.vae_core.AutoencoderKL.from_single_file(path)
     for (k, a), b in zip(loader.core.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), k
