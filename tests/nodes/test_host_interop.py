@@ -190,7 +190,9 @@ def test_host_nodes_give_the_same_images_with_our_vae_as_with_theirs(host, nc, s
                 "inpaint_conditioning": host.InpaintModelConditioning().encode([], [], image, vae, m, True)[2]["samples"],
             }
 
+    before = image.clone()
     a, b = through_host_nodes(theirs), through_host_nodes(ours)
+    assert torch.equal(image, before)  # the IMAGE other nodes still read is untouched
     for key in ("decode", "decode_tiled"):
         assert a[key].shape == b[key].shape == (1, 64, 80, 3), key
         assert a[key].dtype == b[key].dtype, key
