@@ -133,7 +133,7 @@ def _header_entry(p: Path, key: str, entry: Any, data_len: int) -> Tuple[torch.d
     numel = 1
     for s in shape:
         numel *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if numel * itemsize != offsets[1] - offsets[0]:
         raise _error(f"{where} declares shape {tuple(shape)} of {entry['dtype']} ({numel * itemsize:,} bytes) "
                      f"but holds {offsets[1] - offsets[0]:,} bytes; the file is damaged")
