@@ -226,7 +226,8 @@ def check_zip(f: BinaryIO, p: Path, size: int) -> None:
 
 def _non_overlapping(t: torch.Tensor) -> bool:
     """True when no two elements of `t` share memory: sorted by stride, each dimension steps past
-    everything the smaller ones span (contiguous, channels-last, transposed and sliced layouts pass)."""
+    everything the smaller ones span (contiguous, channels-last, transposed and sliced layouts pass).
+    Conservative: interleaved layouts that no serializer writes (strides (2, 3) on 3x3) count as overlapping."""
     dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
     span = 1  # elements covered by the dimensions so far
     for st, sz in dims:
