@@ -217,7 +217,7 @@ def from_state_dict(cls, sd: Dict[str, torch.Tensor], config: Any = None, family
             raise VAELoadError(f"{source}: {err}") from None
         cfg_origin = "inferred from shapes"
     detected, reason = convert.detect_family(cfg, full if prefix else None, metadata)
-    detected, reason = _checked_family(detected, reason, cfg, full if prefix else None, source)
+    detected, reason = _checked_family(detected, reason, cfg, source)
     if family is not None:
         fam = _given_family(family, cfg, source)
         detected, reason = fam.name, "given (family=)"
@@ -266,7 +266,7 @@ def _given_family(family: str, cfg: AutoencoderKLConfig, source: str):
 
 
 def _checked_family(detected: Optional[str], reason: str, cfg: AutoencoderKLConfig,
-                    full: Optional[Dict[str, torch.Tensor]], source: str) -> Tuple[Optional[str], str]:
+                    source: str) -> Tuple[Optional[str], str]:
     """A family claim (from metadata or the checkpoint) that names no family, or whose latent channel
     count contradicts the weights', is overridden by shapes alone, with a warning."""
     if detected is None:

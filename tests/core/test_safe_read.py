@@ -94,6 +94,14 @@ def test_overlapping_tensors_and_nan_in_a_header_are_refused(tmp_path):
         safe_read.read_safetensors(path)
 
 
+def test_a_deeply_nested_header_is_a_named_error(tmp_path):
+    path = tmp_path / "deep.safetensors"
+    raw = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(VAELoadError, match="its header is nested too deeply"):
+        safe_read.read_safetensors(path)
+
+
 def test_a_header_longer_than_the_file_is_truncation(tmp_path):
     path = tmp_path / "short.safetensors"
     path.write_bytes(struct.pack("<Q", 10**9) + b"{}")

@@ -265,3 +265,32 @@ def zero_dim_conv(path: Path) -> None:
 
 def write_text(path: Path, text: str) -> None:
     path.write_text(text)
+
+
+def legacy_bomb_ckpt(path: Path, numel: int = 2**31) -> None:
+    """A legacy (pre-1.6, non-zip) torch pickle declaring one 8 GiB storage, holding 64 bytes of it.
+    torch allocates the declared size before reading it; the allocation is virtual (never touched)."""
+    import collections
+    import io
+    import pickle
+    import struct
+
+    class Storage:
+        pass
+
+    class Tensor:
+        def __reduce_ex__(self, protocol):
+            return (torch._utils._rebuild_tensor_v2, (Storage, 0, (numel,), (1,), False, collections.OrderedDict()))
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", numel, None) if obj is Storage else None
+
+    buf = io.BytesIO()
+    for header in (0x1950A86A20F9469CFC6C, 1001,  # torch's legacy magic number and protocol version
+                   {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(header, buf, protocol=2)
+    Pickler(buf, protocol=2).dump({"decoder.conv_out.weight": Tensor()})
+    pickle.dump(["0"], buf, protocol=2)
+    buf.write(struct.pack("<q", numel) + bytes(64))
+    path.write_bytes(buf.getvalue())

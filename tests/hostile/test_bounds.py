@@ -75,6 +75,16 @@ def test_a_zip_bomb_checkpoint_is_refused_before_inflating(nc, pack, hostile_vae
     _refused(nc, pack, path, "compressed", "2,147,483,648 bytes", "torch.save never compresses")
 
 
+@LIMIT
+def test_a_legacy_pickle_declaring_8_gib_is_a_clean_error_in_bounded_memory(nc, pack, hostile_vae_dir):
+    """Legacy pickles declare storage sizes that torch allocates before reading: the allocation is
+    virtual (refused outright under the test's address-space cap), and the short read is an error."""
+    path = hostile_vae_dir / "akl_bounds_legacy_bomb.ckpt"
+    hf.legacy_bomb_ckpt(path)
+    assert path.stat().st_size < 4096
+    _refused(nc, pack, path, "corrupt or truncated checkpoint")
+
+
 # -- configs that ask for more than the file holds --------------------------------------------------
 
 
