@@ -89,6 +89,17 @@ def main() -> None:
         best = min(runs, key=lambda r: r["seconds"])
         print(f"{how:52s} best of {args.repeats}: {best['seconds']:.3f} s, peak RSS growth {best['growth_mib']:.0f} MiB "
               f"(peak {best['peak_mib']:.0f} MiB) for {best['mb']:.0f} MB of tensors")
+    if args.old_tree:  # the before/after pair again, alternating, so both see the same machine load
+        pair = {"full load (AutoencoderKL.from_single_file)": (str(REPO), []), OLD: (args.old_tree, [])}
+        for _ in range(5):
+            for how, (repo, runs) in pair.items():
+                code = CHILD.format(repo=repo, path=str(path), how=how)
+                if how == OLD:
+                    code = code.replace("from vae_core import AutoencoderKL, safe_read", "from vae_core import AutoencoderKL")
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                runs.append(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
+        for how, (_repo, runs) in pair.items():
+            print(f"{how:52s} interleaved x5: median {sorted(runs)[2]:.2f} s ({', '.join(f'{r:.2f}' for r in runs)})")
     sys.path.insert(0, str(REPO / "nodes"))
     from cache import file_signature  # nodes/cache.py imports nothing from the host
 
