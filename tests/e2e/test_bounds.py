@@ -185,3 +185,23 @@ def test_a_cp_p_rewrite_with_the_same_size_and_mtime_is_seen(server):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     second = _run(server, name)["outputs"]["1"]["akl_card"][0]
     assert (first["scaling_factor"], second["scaling_factor"]) == (0.18215, 0.13025)
+
+
+@pytest.mark.timeout(300)
+def test_a_link_to_a_private_file_is_described_not_echoed_and_a_false_family_claim_is_overridden(server, tmp_path):
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$Zq9SECRETHASH$abcdef:19000:0:99999:7:::\n" * 3)
+    link = server.vae_dir / "akl_bounds_shadow.safetensors"
+    if not link.is_symlink():
+        os.symlink(secret, link)
+    msg = _error(_run(server, link.name))
+    assert link.name in msg and "a text file" in msg, msg
+    assert "SECRET" not in msg and "Zq9" not in msg and "99999" not in msg, msg
+    name = "akl_bounds_flux_claim.safetensors"
+    hf.with_metadata(server.vae_dir / name, vae_core__family="flux")  # 4 latent channels; FLUX.1 has 16
+    entry = _run(server, name)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    card = entry["outputs"]["1"]["akl_card"][0]
+    assert card["family"] != "flux" and card["scaling_factor"] != 0.3611 and card["shift_factor"] is None
+    assert "16 latent channels, not 4" in card["family_reason"]
+    _good_prompt_runs(server)
