@@ -155,3 +155,16 @@ def test_the_chunked_finite_check_finds_one_bad_value_anywhere(where, bad):
 def test_describe_bytes_never_returns_the_bytes():
     for head in (b"root:x:0:0:root:/root", b"\x7fELFsecret", b"{\"secret\": 1}", b"\x00\x01secret\xff"):
         assert "secret" not in safe_read.describe_bytes(head) and "root" not in safe_read.describe_bytes(head)
+
+
+def test_small_expanded_buffers_pass_and_large_ones_are_refused(tmp_path):
+    """A full checkpoint may hold a text encoder's expanded position ids (stride 0 on a size-1 or small
+    dimension); a view describing MBs over a few stored bytes is refused by name."""
+    path = tmp_path / "ids.ckpt"
+    sd = {"ids": torch.arange(77).expand(1, -1), "rows": torch.zeros(1, 16).expand(8, 16), "w": torch.zeros(3)}
+    torch.save(sd, str(path))
+    loaded = torch.load(str(path), weights_only=True)
+    safe_read.check_views(loaded, path, path.stat().st_size)
+    loaded["big"] = torch.zeros(1).expand(1 << 19)  # 2 MiB described by 4 bytes
+    with pytest.raises(VAELoadError, match="'big' of shape \\(524288,\\) is a stride-0 view"):
+        safe_read.check_views(loaded, path, path.stat().st_size)
