@@ -70,7 +70,8 @@ def sniff_container(path: PathLike) -> str:
 
 
 def read_state_dict(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], str]:
-    """Read all tensors of a weights file: (state dict, safetensors metadata, container kind)."""
+    """Read the tensors of a weights file: (state dict, safetensors metadata, container kind). Of a full
+    .safetensors checkpoint only the VAE's are read; the others are meta tensors (names and shapes)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file")

@@ -10,7 +10,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Tuple, Union
+from typing import Any, BinaryIO, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -146,10 +146,24 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not allowed in a safetensors header")
 
 
-def read_safetensors(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+def vae_part(keys) -> Optional[set]:
+    """The keys of the VAE inside a full checkpoint (all keys under its VAE prefix), or None when the
+    file is not a full checkpoint (then every tensor is the VAE's). Mirrors convert.strip_vae_prefix."""
+    from .convert import CHECKPOINT_PREFIXES
+
+    for prefix in CHECKPOINT_PREFIXES:
+        sub = {k for k in keys if k.startswith(prefix)}
+        if any(k[len(prefix):].startswith(("encoder.", "decoder.")) for k in sub):
+            return sub
+    return None
+
+
+def read_safetensors(path: PathLike, vae_only: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """(tensors, metadata) of a .safetensors file, read with plain reads (no mmap: a file that shrinks
     while it is read gives a clean error, not SIGBUS). Every offset and size in the header is checked
-    against the file before a byte of tensor data is allocated; peak memory is the tensors themselves."""
+    against the file before a byte of tensor data is allocated; peak memory is the tensors themselves.
+    With vae_only, the other tensors of a full checkpoint (UNet, text encoders) come back as meta
+    tensors, with their names, shapes and dtypes but no data: they are never read."""
     p = Path(path)
     f, before = open_weights(p)
     with f:
@@ -187,9 +201,14 @@ def read_safetensors(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str,
                 raise _error(f"{p}: corrupt safetensors header: tensor {capped(key, 80)!r} overlaps the tensor "
                              "before it; the file is damaged or crafted")
             end = stop
-        _check_memory(p, sum(e[4] - e[3] for e in entries), f"its {len(entries)} tensors")
+        wanted = vae_part(header) if vae_only else None
+        _check_memory(p, sum(e[4] - e[3] for e in entries if wanted is None or e[0] in wanted),
+                      f"its {len(entries) if wanted is None else len(wanted)} tensors")
         sd: Dict[str, torch.Tensor] = {}
         for key, dtype, shape, begin, stop in entries:
+            if wanted is not None and key not in wanted:
+                sd[key] = torch.empty(shape, dtype=dtype, device="meta")
+                continue
             buf = torch.empty(stop - begin, dtype=torch.uint8)
             if stop > begin:
                 f.seek(data_start + begin)

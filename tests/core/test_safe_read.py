@@ -168,3 +168,26 @@ def test_small_expanded_buffers_pass_and_large_ones_are_refused(tmp_path):
     loaded["big"] = torch.zeros(1).expand(1 << 19)  # 2 MiB described by 4 bytes
     with pytest.raises(VAELoadError, match="'big' of shape \\(524288,\\) is a stride-0 view"):
         safe_read.check_views(loaded, path, path.stat().st_size)
+
+
+def test_a_full_checkpoint_reads_only_its_vae(tmp_path):
+    """The UNet and text encoders of a full checkpoint stay on disk (meta tensors: names, shapes and
+    dtypes only), so loading a VAE from a 7 GB SDXL file does not read 7 GB; key-based family
+    detection still sees them."""
+    from vae_core import convert
+
+    m = AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                      up_block_types=("UpDecoderBlock2D",) * 2)
+    full = {"first_stage_model." + k: v.contiguous() for k, v in convert.diffusers_to_ldm(m.state_dict()).items()}
+    full["model.diffusion_model.input_blocks.0.0.weight"] = torch.ones(256, 256, 3, 3)
+    full["conditioner.embedders.1.model.ln_final.weight"] = torch.ones(8)
+    path = tmp_path / "full.safetensors"
+    save_file(full, str(path))
+    sd, _ = safe_read.read_safetensors(path)
+    assert sd["model.diffusion_model.input_blocks.0.0.weight"].is_meta
+    assert sd["model.diffusion_model.input_blocks.0.0.weight"].shape == (256, 256, 3, 3)
+    assert not sd["first_stage_model.encoder.conv_in.weight"].is_meta
+    assert all(not v.is_meta for v in safe_read.read_safetensors(path, vae_only=False)[0].values())
+    loaded = AutoencoderKL.from_single_file(path, config=m.config)
+    assert loaded.info["family"] == "sdxl"  # from the conditioner's key
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), m.state_dict().values()))
