@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from . import convert
+from . import convert, safe_read
 from .config import AutoencoderKLConfig
 from .latent_formats import get_family
 
@@ -47,8 +47,11 @@ def sniff_container(path: PathLike) -> str:
     size = p.stat().st_size
     if size == 0:
         raise VAELoadError(f"{p}: the file is empty (0 bytes); re-download or re-export it")
-    with open(p, "rb") as f:
-        head = f.read(16)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(16)
+    except OSError as err:
+        raise VAELoadError(f"{p}: cannot read the file: {err.strerror or type(err).__name__}") from None
     if len(head) >= 9:
         header_len = int.from_bytes(head[:8], "little")
         if head[8:9] == b"{" and 0 < header_len < size:
@@ -63,13 +66,15 @@ def sniff_container(path: PathLike) -> str:
     if head[:1] == b"\x80":
         return "pickle"
     if head.lstrip()[:1] in (b"{", b"["):
-        raise VAELoadError(f"{p}: this is a JSON/text file, not model weights (first bytes {head[:12]!r})")
-    raise VAELoadError(f"{p}: unrecognised file format (first bytes {head[:12]!r}); expected .safetensors "
+        raise VAELoadError(f"{p}: this is a JSON/text file, not model weights")
+    # the kind in words, never the bytes: the path may be a link to a private file
+    raise VAELoadError(f"{p}: unrecognised file format ({safe_read.describe_bytes(head)}); expected .safetensors "
                        "or a torch checkpoint (.ckpt/.pt/.pth/.bin)")
 
 
 def read_state_dict(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], str]:
-    """Read all tensors of a weights file: (state dict, safetensors metadata, container kind)."""
+    """Read the tensors of a weights file: (state dict, safetensors metadata, container kind). Of a full
+    .safetensors checkpoint only the VAE's are read; the others are meta tensors (names and shapes)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file")
@@ -77,19 +82,16 @@ def read_state_dict(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
         raise VAELoadError(f"{p}: is a folder; use AutoencoderKL.from_pretrained for diffusers folders")
     kind = sniff_container(p)
     if kind == "safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(p), framework="pt", device="cpu") as f:
-                metadata = dict(f.metadata() or {})
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as err:
-            raise VAELoadError(f"{p}: corrupt or truncated safetensors file: {err}") from err
+        # plain reads, every size checked against the file first (safe_read.py): no mmap, so no SIGBUS
+        sd, metadata = safe_read.read_safetensors(p)
         return sd, metadata, kind
     try:
-        # a file object, not the path: torch.load hands any path ending in .safetensors to safetensors
-        with open(p, "rb") as f, _allowing(_legacy_checkpoint_globals()):
-            obj = torch.load(f, map_location="cpu", weights_only=True)
+        # through one open file (safe_read.py: no mmap, zip entries checked first), never the path:
+        # torch.load hands any path ending in .safetensors to safetensors
+        with _allowing(_legacy_checkpoint_globals()):
+            obj, size = safe_read.load_torch_checkpoint(p, kind)
+    except VAELoadError:
+        raise
     except pickle.UnpicklingError as err:
         raise VAELoadError(
             f"{p}: refused to load: this pickle holds more than tensors (it may run code when unpickled), "
@@ -100,7 +102,9 @@ def read_state_dict(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
             IndexError, TypeError, OverflowError, AssertionError) as err:
         # a damaged pickle stream fails in many ways; torch's weights-only unpickler even asserts
         raise VAELoadError(f"{p}: corrupt or truncated {_CONTAINER_NAMES[kind]}: {type(err).__name__}: {err}") from err
-    return _tensors_of_checkpoint(obj, p), {}, kind
+    sd = _tensors_of_checkpoint(obj, p)
+    safe_read.check_views(sd, p, size)  # stride-0 / overlapping views, before anything reads their values
+    return sd, {}, kind
 
 
 # -- what a torch checkpoint holds besides the weights ------------------------------------------
@@ -191,7 +195,7 @@ def _check_tensors(sd: Dict[str, torch.Tensor], source: str) -> None:
             "float16/bfloat16/float32 export of the VAE")
     # A flipped exponent bit or a broken export leaves NaN/inf in a weight: every image would come out
     # black or broken, so refuse the file here, naming the tensor, rather than at the first decode.
-    broken = [k for k, v in sd.items() if not bool(torch.isfinite(v).all())]
+    broken = [k for k, v in sd.items() if not safe_read.all_finite(v)]
     if broken:
         raise VAELoadError(f"{source}: the weights hold NaN or inf values in {convert._first(broken)}; the file is "
                            "corrupt (or was saved from a broken model): re-download or re-export it")
@@ -241,11 +245,23 @@ def _resolve_config(config: Any, source: str) -> Optional[AutoencoderKLConfig]:
     return _read_config_file(p)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a diffusers config.json is ~1 KB
+
+
 def _read_config_file(p: Path) -> AutoencoderKLConfig:
     try:
-        data = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise VAELoadError(f"{p}: cannot read the config: {err}") from err
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise VAELoadError(f"{p}: refused: {p.stat().st_size:,} bytes is no AutoencoderKL config.json "
+                               f"(the limit is {MAX_CONFIG_BYTES:,})")
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise VAELoadError(f"{p}: cannot read the config: {err.strerror or type(err).__name__}") from None
+    except UnicodeDecodeError:
+        raise VAELoadError(f"{p}: the config is not UTF-8 text ({safe_read.describe_bytes(p.read_bytes()[:16])})") from None
+    except json.JSONDecodeError as err:  # its message gives the position, never the text
+        raise VAELoadError(f"{p}: the config is not valid JSON: {err}") from None
+    except RecursionError:
+        raise VAELoadError(f"{p}: the config is not valid JSON: nested too deeply") from None
     return _config_from_dict(data, str(p), "config.json")
 
 
@@ -274,6 +290,7 @@ def from_state_dict(cls, sd: Dict[str, torch.Tensor], config: Any = None, family
     if upcast:
         logger.info("%s: %d float8 tensors upcast to float32", source, upcast)
     _check_tensors(dsd, source)
+    safe_read.check_vae_shapes(dsd, source)
     cfg = _resolve_config(config, source)
     cfg_origin = "given"
     if cfg is None and metadata and metadata.get(META_CONFIG):
@@ -282,6 +299,8 @@ def from_state_dict(cls, sd: Dict[str, torch.Tensor], config: Any = None, family
             cfg_origin = "metadata"
         except json.JSONDecodeError as err:
             raise VAELoadError(f"{source}: metadata {META_CONFIG} is not valid JSON: {err}") from err
+        except RecursionError:
+            raise VAELoadError(f"{source}: metadata {META_CONFIG} is not valid JSON: nested too deeply") from None
     if cfg is None:
         try:
             cfg = convert.infer_config(dsd)
@@ -289,8 +308,9 @@ def from_state_dict(cls, sd: Dict[str, torch.Tensor], config: Any = None, family
             raise VAELoadError(f"{source}: {err}") from None
         cfg_origin = "inferred from shapes"
     detected, reason = convert.detect_family(cfg, full if prefix or markers else None, metadata)
+    detected, reason = _checked_family(detected, reason, cfg, source)
     if family is not None:
-        fam = get_family(family)
+        fam = _given_family(family, cfg, source)
         detected, reason = fam.name, "given (family=)"
         cfg = _with_family(cfg, fam, full)
     elif cfg_origin == "inferred from shapes" and detected is not None:
@@ -298,20 +318,21 @@ def from_state_dict(cls, sd: Dict[str, torch.Tensor], config: Any = None, family
         cfg = _with_family(cfg, fam, full, sample_size=fam.sample_size)
     if detected is not None and cfg_origin == "inferred from shapes" and "assumed" in reason:
         logger.warning("%s: %s", source, reason)
+    safe_read.check_fits(cfg, dsd, source, cfg_origin)  # before any module exists: milliseconds, not minutes
     try:
         with torch.device("meta"):
             skeleton = cls.from_config(cfg)
+        model = skeleton.to_empty(device="cpu")
     except (RuntimeError, ValueError, TypeError) as err:  # e.g. a damaged config with negative channels
         raise VAELoadError(f"{source}: the VAE config ({cfg_origin}) does not describe a buildable VAE: "
                            f"{str(err).splitlines()[0]}; re-export the file or pass config=") from None
-    model = skeleton.to_empty(device="cpu")
     _load_strict(model, dsd, source)
     if torch_dtype is not None:
         model = model.to(torch_dtype)
     model.eval()
     model.info = {
         "family": detected,
-        "family_reason": reason,
+        "family_reason": safe_read.capped(reason),  # may quote metadata; the card carries it to the UI
         "layout": layout,
         "prefix": prefix,
         "config_origin": cfg_origin,
@@ -332,6 +353,41 @@ def _with_family(cfg: AutoencoderKLConfig, fam, full: Dict[str, torch.Tensor], *
     return AutoencoderKLConfig(**{**cfg.to_dict(), "scaling_factor": fam.scaling_factor,
                                   "shift_factor": fam.shift_factor, "latents_mean": mean, "latents_std": std,
                                   **more})
+
+
+def _given_family(family: str, cfg: AutoencoderKLConfig, source: str):
+    """The LatentFormat named by family= (an unknown name is refused, naming the file). The caller's
+    explicit choice wins over the weights, but a latent channel count that contradicts it is logged."""
+    try:
+        fam = get_family(family)
+    except ValueError as err:
+        raise VAELoadError(f"{source}: family={safe_read.capped(family, 40)!r}: {err}") from None
+    if fam.latent_channels != cfg.latent_channels:
+        logger.warning("%s: family=%r (%s) has %d latent channels but this VAE has %d; using its scaling as asked",
+                       source, family, fam.label, fam.latent_channels, cfg.latent_channels)
+    return fam
+
+
+def _checked_family(detected: Optional[str], reason: str, cfg: AutoencoderKLConfig,
+                    source: str) -> Tuple[Optional[str], str]:
+    """A family claim (from metadata or the checkpoint) that names no family, or whose latent channel
+    count contradicts the weights', is overridden by shapes alone, with a warning."""
+    if detected is None:
+        return detected, reason
+    try:
+        fam = get_family(detected)
+    except ValueError:
+        problem = "names no known family"
+    else:
+        if fam.latent_channels == cfg.latent_channels:
+            return fam.name, reason
+        problem = f"has {fam.latent_channels} latent channels, not {cfg.latent_channels}"
+    fallback, why = convert.detect_family(cfg, None, None)
+    if fallback is not None and get_family(fallback).latent_channels != cfg.latent_channels:
+        fallback, why = None, "shapes match no published family"
+    note = f"{why}; ignored the claim {safe_read.capped(detected, 40)!r} ({safe_read.capped(reason, 80)}), which {problem}"
+    logger.warning("%s: %s", source, note)
+    return fallback, note
 
 
 def _what_is_it(sd: Dict[str, torch.Tensor]) -> str:
