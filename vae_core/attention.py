@@ -45,6 +45,63 @@ class Attention(nn.Module):
         self.processor: AttnProcessorBase = default_processor()
         self.progress: Optional[ProgressHook] = None  # see attention_progress
 
+    # -- what diffusers' processors read (AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor,
+    # XFormersAttnProcessor): the VAE's block is diffusers' Attention with these fixed settings.
+    spatial_norm = None  # no MoVQ-style spatial norm
+    norm_cross = None  # self-attention only: no encoder_hidden_states norm
+    norm_q = None
+    norm_k = None
+    residual_connection = True
+    rescale_output_factor = 1.0
+    upcast_attention = False
+    upcast_softmax = True  # scores go through softmax in fp32
+    is_cross_attention = False
+    only_cross_attention = False
+    added_kv_proj_dim = None
+
+    @property
+    def inner_dim(self) -> int:
+        return self.channels
+
+    def prepare_attention_mask(self, attention_mask: Optional[torch.Tensor], target_length: int, batch_size: int,
+                               out_dim: int = 3) -> Optional[torch.Tensor]:
+        """A (B, Nq, Nk) or (B, 1, Nk) additive mask repeated per head: (B*heads, ., Nk) for out_dim=3,
+        (B, heads, ., Nk) for out_dim=4. The VAE itself never passes a mask (None stays None)."""
+        if attention_mask is None:
+            return None
+        if attention_mask.shape[-1] != target_length:
+            raise ValueError(f"attention mask covers {attention_mask.shape[-1]} keys, the input has {target_length}")
+        if attention_mask.shape[0] < batch_size * self.heads and out_dim == 3:
+            attention_mask = attention_mask.repeat_interleave(self.heads, dim=0)
+        elif out_dim == 4:
+            attention_mask = attention_mask.unsqueeze(1).repeat_interleave(self.heads, dim=1)
+        return attention_mask
+
+    def head_to_batch_dim(self, tensor: torch.Tensor, out_dim: int = 3) -> torch.Tensor:
+        """(B, N, heads*D) -> (B*heads, N, D) (out_dim=3) or (B, heads, N, D) (out_dim=4)."""
+        b, n, dim = tensor.shape
+        t = tensor.reshape(b, n, self.heads, dim // self.heads).permute(0, 2, 1, 3)  # (B, heads, N, D)
+        return t.reshape(b * self.heads, n, dim // self.heads) if out_dim == 3 else t
+
+    def batch_to_head_dim(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(B*heads, N, D) -> (B, N, heads*D)."""
+        bh, n, d = tensor.shape
+        t = tensor.reshape(bh // self.heads, self.heads, n, d).permute(0, 2, 1, 3)  # (B, N, heads, D)
+        return t.reshape(bh // self.heads, n, self.heads * d)
+
+    def get_attention_scores(self, query: torch.Tensor, key: torch.Tensor,
+                             attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """softmax(scale * q k^T + mask) over keys, (B*heads, Nq, Nk), softmax in fp32 (upcast_softmax)."""
+        if attention_mask is None:
+            base, beta = query.new_empty(query.shape[0], query.shape[1], key.shape[1]), 0
+        else:
+            base, beta = attention_mask, 1
+        scores = torch.baddbmm(base, query, key.transpose(-1, -2), beta=beta, alpha=self.scale)
+        return scores.float().softmax(dim=-1).to(query.dtype)
+
+    def norm_encoder_hidden_states(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        raise ValueError("the VAE's attention is self-attention only: it has no norm for encoder_hidden_states")
+
     def set_processor(self, processor: "AttnProcessorBase") -> None:
         self.processor = processor
 

@@ -210,9 +210,10 @@ class UNetMidBlock2D(nn.Module):
 
     def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups, act_fn) for _ in range(2)])
+        # attentions registered before resnets, as in diffusers, so parameters() come in its order;
         # diffusers keeps a None placeholder so the module path stays attentions.0.
         self.attentions = nn.ModuleList([Attention(channels, groups) if add_attention else None])
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups, act_fn) for _ in range(2)])
         self.gradient_checkpointing = False  # set by AutoencoderKL.enable_gradient_checkpointing
         self._gradient_checkpointing_func: Optional[Callable] = None
 
