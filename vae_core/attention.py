@@ -36,7 +36,7 @@ class Attention(nn.Module):
         super().__init__()
         self.channels = channels
         self.heads = 1  # every KL-VAE uses a single head as wide as the mid block
-        self.scale = 1.0 / math.sqrt(channels)
+        self.scale = channels ** -0.5  # diffusers spells it so (1/sqrt(C) differs in the last bit)
         self.group_norm = GroupNorm(groups, channels, eps=NORM_EPS, affine=True)
         self.to_q = nn.Linear(channels, channels, bias=True)
         self.to_k = nn.Linear(channels, channels, bias=True)
