@@ -99,6 +99,23 @@ class Attention(nn.Module):
         scores = torch.baddbmm(base, query, key.transpose(-1, -2), beta=beta, alpha=self.scale)
         return scores.float().softmax(dim=-1).to(query.dtype)
 
+    fused_projections = False  # to_qkv present (fuse_projections), used instead of to_q/to_k/to_v
+
+    @torch.no_grad()
+    def fuse_projections(self, fuse: bool = True) -> None:
+        """Add `to_qkv`, one (C -> 3C) linear holding to_q|to_k|to_v, which processors then use (one matmul
+        instead of three); fuse=False removes it. As diffusers, the fused copy is a snapshot of the weights."""
+        if not fuse:
+            self._modules.pop("to_qkv", None)
+            self.fused_projections = False
+            return
+        w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3C, C)
+        b = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
+        self.to_qkv = nn.Linear(w.shape[1], w.shape[0], bias=True, device=w.device, dtype=w.dtype)
+        self.to_qkv.weight.copy_(w)
+        self.to_qkv.bias.copy_(b)
+        self.fused_projections = True
+
     def norm_encoder_hidden_states(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         raise ValueError("the VAE's attention is self-attention only: it has no norm for encoder_hidden_states")
 
@@ -129,9 +146,12 @@ class AttnProcessorBase:
         normed = attn.group_norm(hidden_states)
         tokens = normed.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C); a view when channels_last
         del normed
-        q = attn.to_q(tokens)
-        k = attn.to_k(tokens)
-        v = attn.to_v(tokens)
+        if getattr(attn, "fused_projections", False):
+            q, k, v = attn.to_qkv(tokens).chunk(3, dim=-1)  # (B, HW, C) each
+        else:
+            q = attn.to_q(tokens)
+            k = attn.to_k(tokens)
+            v = attn.to_v(tokens)
         del tokens
         out = self._attend_in_steps(attn, q, k, v)  # (B, HW, C)
         del q, k, v

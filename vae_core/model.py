@@ -418,6 +418,17 @@ class AutoencoderKL(nn.Module):
         """The plain math processor, diffusers' choice here (a new model starts on SDPA, as in diffusers)."""
         self.set_attn_processor(AttnProcessor())
 
+    def fuse_qkv_projections(self) -> None:
+        """Fuse each attention block's query/key/value projections into one linear (diffusers' API; see
+        Attention.fuse_projections). The processors stay as they are: all of ours read the fused form."""
+        for module in self._attention_modules().values():
+            module.fuse_projections(fuse=True)
+
+    def unfuse_qkv_projections(self) -> None:
+        """Back to separate to_q/to_k/to_v (the fused copies are dropped, so state_dict() has diffusers' keys)."""
+        for module in self._attention_modules().values():
+            module.fuse_projections(fuse=False)
+
     # -- gradient checkpointing ------------------------------------------------------
 
     @property

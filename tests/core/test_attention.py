@@ -156,3 +156,23 @@ def test_sliced_processor_bounds_the_score_matrix():
     finally:
         attention._math_attention = original
     assert seen and max(seen) == 8 * 64
+
+
+def test_fuse_qkv_projections_matches_diffusers():
+    """fuse_qkv_projections: one (C -> 3C) linear, the same output as diffusers' fused model; unfuse restores
+    diffusers' state-dict keys."""
+    pytest.importorskip("diffusers")
+    ref, ours = make_pair("sd_layout")
+    z = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        plain = ours.decode(z).sample
+        ref.fuse_qkv_projections()
+        ours.fuse_qkv_projections()
+        assert ours.decoder.mid_block.attentions[0].to_qkv.weight.shape == (96, 32)
+        for proc in ("sdpa", "math", "sliced"):
+            ours.set_attn_processor(proc)
+            assert_close_fp32(ours.decode(z).sample, ref.decode(z).sample)
+        assert_close_fp32(ours.decode(z).sample, plain)
+        ours.unfuse_qkv_projections()
+    assert not any("to_qkv" in k for k in ours.state_dict())
+    assert list(ours.state_dict()) == [k for k in ref.state_dict() if "to_qkv" not in k]

@@ -385,7 +385,7 @@ def test_stable_diffusion_pipeline_with_the_bridge(tmp_path):
         cross_attention_dim=8, norm_num_groups=2, attention_head_dim=2)
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae.to_diffusers(), text_encoder=text, tokenizer=_tiny_tokenizer(tmp_path), unet=unet,
-        scheduler=diffusers.DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None,
+        scheduler=diffusers.DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     images = pipe("a cat", num_inference_steps=1, height=16, width=16, output_type="np",
                   generator=torch.Generator().manual_seed(0)).images
