@@ -92,7 +92,7 @@ class Decoder(nn.Module):
         h = self.conv_in(_like_weights(z, self.conv_in))
         h = checkpointed(self, self.mid_block, h)
         # diffusers runs the up blocks in their parameter dtype (they may differ when upcast)
-        h = h.to(self.up_blocks[0].resnets[0].conv1.weight.dtype)
+        h = h.to(self.up_blocks[0].resnets[0].norm1.weight.dtype)  # their first parameter
         for block in self.up_blocks:
             h = checkpointed(self, block, h)
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))
@@ -102,7 +102,7 @@ class Decoder(nn.Module):
 
 _CONFIG_KEYS = frozenset(AutoencoderKLConfig().keys())
 _PRETRAINED_KWARGS = ("subfolder", "torch_dtype", "dtype", "variant", "family", "use_safetensors",
-                      "low_cpu_mem_usage", "output_loading_info", "<any config key>")
+                      "low_cpu_mem_usage", "local_files_only", "output_loading_info", "<any config key>")
 # diffusers options that a local, CPU-loading, accelerate-free core does not implement
 _DIFFUSERS_ONLY = {
     "device_map": "load, then call .to(device)",
@@ -115,7 +115,6 @@ _DIFFUSERS_ONLY = {
     "token": "vae_core reads local folders only",
     "force_download": "vae_core reads local folders only",
     "proxies": "vae_core reads local folders only",
-    "local_files_only": "vae_core reads local folders only (always local)",
     "push_to_hub": "vae_core does not upload",
 }
 
@@ -296,6 +295,7 @@ class AutoencoderKL(nn.Module):
         use_safetensors = kwargs.pop("use_safetensors", None)
         output_loading_info = bool(kwargs.pop("output_loading_info", False))
         kwargs.pop("low_cpu_mem_usage", None)  # weights are always loaded into a meta-built skeleton
+        kwargs.pop("local_files_only", None)  # always: vae_core never downloads
         _reject_unknown("from_pretrained", kwargs, _PRETRAINED_KWARGS)
         model = load_pretrained(cls, path, subfolder=subfolder, torch_dtype=torch_dtype, variant=variant,
                                 family=family, config_overrides=overrides, use_safetensors=use_safetensors)
