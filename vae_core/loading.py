@@ -314,7 +314,10 @@ def _weights_files(folder: Path, variant: Optional[str], use_safetensors: Option
     present = sorted(p.name for p in folder.glob(f"{WEIGHTS_NAME}*"))
     hint = f"; the folder holds {', '.join(present)}" if present else ""
     if present and not variant:
-        variants = sorted({n[len(WEIGHTS_NAME) + 1:].split(".")[0].split("-")[0] for n in present} - {"safetensors", "bin"})
+        # x.fp16.safetensors, x.fp16-00001-of-00002.safetensors, x.safetensors.index.fp16.json -> fp16
+        found = (re.fullmatch(rf"{WEIGHTS_NAME}\.(\w+)(?:-\d+-of-\d+)?\.(?:safetensors|bin)", n)
+                 or re.fullmatch(rf"{WEIGHTS_NAME}\.(?:safetensors|bin)\.index\.(\w+)\.json", n) for n in present)
+        variants = sorted({m.group(1) for m in found if m} - {"safetensors", "bin"})
         if variants:
             hint += f": pass variant={variants[0]!r} to load {'it' if len(present) == 1 else 'them'}"
     # The first sentence is diffusers' wording for the same case, which diffusers' own tests look for.
