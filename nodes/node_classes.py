@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 import folder_paths
 
 from ..vae_core import AutoencoderKL, available_attn_processors
-from ..vae_core.loading import VAELoadError, is_pretrained_folder
+from ..vae_core.loading import VAELoadError, is_pretrained_folder, only_variant
 from . import grid, run
 from .cache import MODELS, file_signature
 from .vae_object import DTYPES, as_akl, build, outside_inference_mode
@@ -134,7 +134,8 @@ class AutoencoderKLLoader:
         def _load():
             with outside_inference_mode():
                 if os.path.isdir(path):
-                    core = AutoencoderKL.from_pretrained(path)
+                    # a folder of only .fp16 weights loads as such (from_pretrained alone needs variant=)
+                    core = AutoencoderKL.from_pretrained(path, variant=only_variant(path))
                 else:
                     core = AutoencoderKL.from_single_file(path)
                 return build(core, name=vae_name, dtype=dtype)

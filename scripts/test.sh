@@ -11,6 +11,9 @@ if [ -x "$ROOT/scripts/setup_browser.sh" ]; then
     "$ROOT/scripts/setup_browser.sh"
 fi
 cd "$ROOT"
+# diffusers' own AutoencoderKL test file against our class (skips with a line when it cannot be fetched)
+"$ROOT/scripts/test_peer.sh"
+
 PYTEST=("$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider --timeout=900)
 "${PYTEST[@]}" tests "$@"
 

@@ -13,6 +13,12 @@ from typing import Any, Iterator, Optional, Sequence, Tuple, Union
 
 logger = logging.getLogger(__name__)
 
+# The diffusers release whose config.json format we write and whose AutoencoderKL test file we pass
+# (see README, "Drop-in for diffusers"); diffusers reads the key as "written by version X".
+DIFFUSERS_FORMAT_VERSION = "0.42.1"
+
+# Sequence fields: kept as the caller gave them (a list from JSON stays a list, as in diffusers' FrozenDict).
+_SEQUENCE_FIELDS = ("down_block_types", "up_block_types", "block_out_channels")
 
 # -- validation before anything is built ---------------------------------------------------------
 # Every field is checked for its type, finiteness and a generous bound before a module exists, so a
@@ -149,14 +155,16 @@ class AutoencoderKLConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for name in ("down_block_types", "up_block_types", "block_out_channels"):
-            setattr(self, name, tuple(getattr(self, name)))
+        for name in _SEQUENCE_FIELDS:
+            value = getattr(self, name)
+            setattr(self, name, list(value) if isinstance(value, list) else tuple(value))
         for name in ("latents_mean", "latents_std"):
             value = getattr(self, name)
             if value is not None:
-                setattr(self, name, tuple(float(v) for v in value))
-        if isinstance(self.sample_size, list):
-            self.sample_size = tuple(self.sample_size)
+                floats = [float(v) for v in value]
+                setattr(self, name, floats if isinstance(value, list) else tuple(floats))
+        # keys added with register() (diffusers' register_to_config of a non-field key)
+        object.__setattr__(self, "_extra", {})
         self.validate()
 
     def validate(self) -> None:
@@ -198,22 +206,53 @@ class AutoencoderKLConfig:
             raise KeyError(key)
         return getattr(self, key)
 
+    def __getattr__(self, name: str) -> Any:
+        # only reached when normal lookup fails: keys added by register()
+        extra = self.__dict__.get("_extra")
+        if extra is not None and name in extra:
+            return extra[name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
     def __contains__(self, key: object) -> bool:
         return key in self.keys()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
 
+    def __len__(self) -> int:
+        return len(self.keys())
+
     def keys(self) -> Sequence[str]:
-        return [f.name for f in dataclasses.fields(self)]
+        return [f.name for f in dataclasses.fields(self)] + list(self.__dict__.get("_extra", {}))
+
+    def values(self) -> list:
+        return [self[k] for k in self.keys()]
 
     def items(self):
-        return [(k, getattr(self, k)) for k in self.keys()]
+        return [(k, self[k]) for k in self.keys()]
 
     def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in self.keys() else default
+        return self[key] if key in self.keys() else default
+
+    def register(self, **kwargs: Any) -> None:
+        """Set config keys, as diffusers' `register_to_config`: fields are validated, other keys are
+        kept as extra entries (saved to config.json, ignored when building a model)."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        updated = dataclasses.replace(self, **{k: v for k, v in kwargs.items() if k in fields})
+        for f in fields:
+            setattr(self, f, getattr(updated, f))
+        self.__dict__["_extra"].update({k: v for k, v in kwargs.items() if k not in fields})
+
+    @property
+    def _class_name(self) -> str:
+        return "AutoencoderKL"
+
+    @property
+    def _diffusers_version(self) -> str:
+        return DIFFUSERS_FORMAT_VERSION
 
     def to_dict(self) -> dict:
+        """Plain JSON-ready values (tuples become lists), fields first, then registered extras."""
         out = {}
         for key, value in self.items():
             out[key] = list(value) if isinstance(value, tuple) else value
@@ -238,6 +277,7 @@ class AutoencoderKLConfig:
     def to_json(self) -> str:
         from . import __version__
 
-        payload = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.36.0", "_vae_core_version": __version__}
+        payload = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+                   "_vae_core_version": __version__}
         payload.update(self.to_dict())
         return json.dumps(payload, indent=2, sort_keys=False)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -36,6 +37,10 @@ _CONTAINER_NAMES = {"safetensors": "safetensors file", "zip-pickle": "torch zip 
 
 class VAELoadError(ValueError):
     """A file that is not a loadable VAE; the message names the file and the problem."""
+
+
+class WeightsNotFoundError(VAELoadError, FileNotFoundError):
+    """A diffusers folder without the weights file asked for (an OSError too, as diffusers raises)."""
 
 
 # -- containers ---------------------------------------------------------------------------
@@ -203,7 +208,8 @@ def _check_tensors(sd: Dict[str, torch.Tensor], source: str) -> None:
 
 def _load_strict(model, sd: Dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict=True), with a message that names the first offending keys."""
-    expected = model.state_dict()
+    # keep_vars: names and shapes only (a plain state_dict() copies every channels_last weight to NCHW)
+    expected = model.state_dict(keep_vars=True)
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
@@ -437,24 +443,106 @@ def is_pretrained_folder(path: PathLike) -> bool:
         return False
 
 
-def _weights_file(folder: Path, variant: Optional[str]) -> Path:
-    names = []
-    if variant:
-        names += [f"{WEIGHTS_NAME}.{variant}.safetensors", f"{WEIGHTS_NAME}.{variant}.bin"]
-    names += [f"{WEIGHTS_NAME}.safetensors", f"{WEIGHTS_NAME}.fp16.safetensors", f"{WEIGHTS_NAME}.bin",
-              f"{WEIGHTS_NAME}.fp16.bin"]
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    raise VAELoadError(f"{folder}: no weights file; looked for {', '.join(names)}")
+def _add_variant(name: str, variant: Optional[str]) -> str:
+    """diffusers' variant naming: the variant goes before the last suffix (x.safetensors -> x.fp16.safetensors,
+    x.safetensors.index.json -> x.safetensors.index.fp16.json)."""
+    if not variant:
+        return name
+    stem, _, ext = name.rpartition(".")
+    return f"{stem}.{variant}.{ext}"
+
+
+def folder_variants(folder: PathLike) -> list:
+    """The variants a diffusers folder's weight files carry (x.fp16.safetensors,
+    x.fp16-00001-of-00002.safetensors, x.safetensors.index.fp16.json -> ["fp16"]), sorted."""
+    names = [p.name for p in Path(folder).glob(f"{WEIGHTS_NAME}*")]
+    found = (re.fullmatch(rf"{WEIGHTS_NAME}\.(\w+)(?:-\d+-of-\d+)?\.(?:safetensors|bin)", n)
+             or re.fullmatch(rf"{WEIGHTS_NAME}\.(?:safetensors|bin)\.index\.(\w+)\.json", n) for n in names)
+    return sorted({m.group(1) for m in found if m} - {"safetensors", "bin"})
+
+
+def only_variant(folder: PathLike) -> Optional[str]:
+    """The variant to load a folder with when it holds no plain weights and exactly one variant (a
+    vae/ folder downloaded as fp16 only); None otherwise. For callers that pick the folder, not the
+    file, such as the Load VAE node: from_pretrained itself follows diffusers and needs variant=."""
+    folder = Path(folder)
+    plain = any((folder / f"{WEIGHTS_NAME}.{ext}{tail}").is_file()
+                for ext in ("safetensors", "bin") for tail in ("", ".index.json"))
+    variants = folder_variants(folder)
+    return variants[0] if not plain and len(variants) == 1 else None
+
+
+def _weights_files(folder: Path, variant: Optional[str], use_safetensors: Optional[bool] = None) -> list:
+    """The weights of a diffusers folder: one file, or the shards an index file lists.
+
+    As in diffusers, a variant file (diffusion_pytorch_model.fp16.safetensors) is read only when
+    variant= names it, and use_safetensors=True/False restricts the search to that format."""
+    kinds = {True: ("safetensors",), False: ("bin",), None: ("safetensors", "bin")}[use_safetensors]
+    looked = []
+    for ext in kinds:
+        single = folder / _add_variant(f"{WEIGHTS_NAME}.{ext}", variant)
+        index = folder / _add_variant(f"{WEIGHTS_NAME}.{ext}.index.json", variant)
+        looked += [single.name, index.name]
+        if single.is_file():
+            return [single]
+        if index.is_file():
+            return _shards_of(index)
+    present = sorted(p.name for p in folder.glob(f"{WEIGHTS_NAME}*"))
+    hint = f"; the folder holds {', '.join(present)}" if present else ""
+    if present and not variant:
+        variants = folder_variants(folder)
+        if variants:
+            hint += f": pass variant={variants[0]!r} to load {'it' if len(present) == 1 else 'them'}"
+    # The first sentence is diffusers' wording for the same case, which diffusers' own tests look for.
+    raise WeightsNotFoundError(f"Error no file named {WEIGHTS_NAME}.bin found in directory {folder} "
+                               f"(looked for {', '.join(looked)}{hint})")
+
+
+def _shards_of(index: Path) -> list:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise VAELoadError(f"{index}: not a valid sharded-weights index (expected a JSON object with a "
+                           f"'weight_map' of tensor name -> shard file): {err}") from err
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise VAELoadError(f"{index}: 'weight_map' is empty or not an object; re-export the folder")
+    shards = []
+    for name in dict.fromkeys(weight_map.values()):
+        shard = index.parent / str(name)
+        if Path(str(name)).name != str(name) or not shard.is_file():
+            raise WeightsNotFoundError(f"{index}: lists shard {name!r}, which is not a file in {index.parent}")
+        shards.append(shard)
+    return shards
+
+
+def _read_weights(files: list) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], str]:
+    if len(files) == 1:
+        return read_state_dict(files[0])
+    sd: Dict[str, torch.Tensor] = {}
+    metadata: Dict[str, str] = {}
+    container = ""
+    for shard in files:
+        part, meta, container = read_state_dict(shard)
+        clash = sorted(set(part) & set(sd))
+        if clash:
+            raise VAELoadError(f"{shard}: tensor {clash[0]} is also in an earlier shard; the index is damaged")
+        sd.update(part)
+        metadata = metadata or meta
+    return sd, metadata, container
 
 
 def load_pretrained(cls, path: PathLike, subfolder: Optional[str] = None, torch_dtype: Optional[torch.dtype] = None,
-                    variant: Optional[str] = None, family: Optional[str] = None, **_ignored):
+                    variant: Optional[str] = None, family: Optional[str] = None,
+                    config_overrides: Optional[Dict[str, Any]] = None, use_safetensors: Optional[bool] = None,
+                    **_ignored):
     folder = find_pretrained_folder(path, subfolder)
     cfg = _read_config_file(folder / CONFIG_NAME)
-    weights = _weights_file(folder, variant)
-    sd, metadata, container = read_state_dict(weights)
+    if config_overrides:
+        cfg = _config_from_dict({**cfg.to_dict(), **config_overrides}, str(folder / CONFIG_NAME),
+                                "config.json with overrides")
+    files = _weights_files(folder, variant, use_safetensors)
+    weights = files[0] if len(files) == 1 else files[0].parent
+    sd, metadata, container = _read_weights(files)
     model = from_state_dict(cls, sd, config=cfg, family=family, torch_dtype=torch_dtype, metadata=metadata,
                             source=str(weights))
     if family is None:
@@ -475,18 +563,56 @@ def _family_from_config(cfg: AutoencoderKLConfig) -> Tuple[Optional[str], str]:
     return None, "config.json matches no published family"
 
 
-def save_pretrained(model, folder: PathLike, safe_serialization: bool = True, variant: Optional[str] = None) -> None:
+_SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes from an int or a string like "10GB", "500MB", "64KiB" (decimal and binary units, as diffusers)."""
+    if isinstance(size, int):
+        return size
+    text = str(size).strip().upper()
+    for unit, scale in _SIZE_UNITS.items():
+        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * scale)
+    raise ValueError(f"max_shard_size={size!r} is not a size; give bytes or a string like '10GB', '500MB', '64KiB'")
+
+
+def save_pretrained(model, folder: PathLike, safe_serialization: bool = True, variant: Optional[str] = None,
+                    max_shard_size: Union[int, str, None] = None) -> None:
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_NAME).write_text(model.config.to_json() + "\n")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    suffix = f".{variant}" if variant else ""
-    if safe_serialization:
-        from safetensors.torch import save_file
+    ext = "safetensors" if safe_serialization else "bin"
+    limit = parse_size(max_shard_size) if max_shard_size is not None else None
+    shards = [sd]
+    if limit is not None:  # greedy, in state-dict order, as diffusers/huggingface_hub split
+        shards, size = [{}], 0
+        for key, t in sd.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > limit:
+                shards, size = shards + [{}], 0
+            shards[-1][key], size = t, size + nbytes
+    single = _add_variant(f"{WEIGHTS_NAME}.{ext}", variant)
+    names = [single] if len(shards) == 1 else [
+        single.replace(f".{ext}", f"-{i + 1:05d}-of-{len(shards):05d}.{ext}") for i in range(len(shards))]
+    # a re-save must not leave this variant's shards (or index) of an earlier save behind
+    stem = re.escape(single[: -len(ext) - 1])
+    ours = re.compile(rf"{stem}(-\d{{5}}-of-\d{{5}})?\.{ext}|{re.escape(_add_variant(f'{WEIGHTS_NAME}.{ext}.index.json', variant))}")
+    for stale in out.iterdir():
+        if ours.fullmatch(stale.name) and stale.name not in names:
+            stale.unlink()
+    for name, part in zip(names, shards):
+        if safe_serialization:
+            from safetensors.torch import save_file
 
-        save_file(sd, str(out / f"{WEIGHTS_NAME}{suffix}.safetensors"), metadata={"format": "pt"})
-    else:
-        torch.save(sd, str(out / f"{WEIGHTS_NAME}{suffix}.bin"))
+            save_file(part, str(out / name), metadata={"format": "pt"})
+        else:
+            torch.save(part, str(out / name))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+                 "weight_map": {k: name for name, part in zip(names, shards) for k in part}}
+        (out / _add_variant(f"{WEIGHTS_NAME}.{ext}.index.json", variant)).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def save_single_file(model, path: PathLike) -> None:

@@ -21,7 +21,9 @@ diffusers = pytest.importorskip("diffusers")
 
 def _load(fixture):
     if fixture.path.is_dir():
-        return AutoencoderKL.from_pretrained(fixture.path, torch_dtype=fixture.torch_dtype)
+        # as diffusers: a folder of only variant files loads when variant= names it (the node does so itself)
+        return AutoencoderKL.from_pretrained(fixture.path, torch_dtype=fixture.torch_dtype,
+                                             variant=loading.only_variant(fixture.path))
     return AutoencoderKL.from_single_file(fixture.path, torch_dtype=fixture.torch_dtype)
 
 
