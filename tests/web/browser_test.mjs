@@ -57,6 +57,7 @@ const OUR_NODES = {
   AutoencoderKLEncodeTiled: "VAE Encode Tiled (AutoencoderKL)",
   AutoencoderKLDecodeTiled: "VAE Decode Tiled (AutoencoderKL)",
   AutoencoderKLSetAttentionProcessor: "Set VAE Attention Processor (AutoencoderKL)",
+  AutoencoderKLSampleImage: "AutoencoderKL Sample Image",
 };
 
 const result = { steps: {}, timings_s: {}, errors: [], console_errors: [], page_errors: [], artifacts: [],
@@ -158,8 +159,9 @@ async function run(page) {
     return true;
   }, PANEL_MODULE));
 
-  if (GROUPS.has("panels")) await panelSteps(page);
+  // Templates first: on a fresh server they run as a new user's first runs do.
   if (GROUPS.has("templates")) await templateSteps(page);
+  if (GROUPS.has("panels")) await panelSteps(page);
   if (GROUPS.has("subgraph")) await subgraphSteps(page);
   if (GROUPS.has("vue")) await vueSteps(page);
 }
@@ -226,15 +228,14 @@ async function panelSteps(page) {
   });
 
   await step("queue_and_run", async () => {
+    const before = await historyIds();
     const queued = await page.evaluate(async () => {
       const r = await app.queuePrompt(0, 1);
       return r ?? null;
     });
-    // waitForFunction needs a synchronous predicate: hold the panel registry on window first.
-    await page.evaluate(async (moduleUrl) => { window.__aklLive = (await import(moduleUrl)).live; }, PANEL_MODULE);
     await waitForPanels(page, [["AutoencoderKLLoader", "card"], ["AutoencoderKLEncodeTiled", "grid"],
       ["AutoencoderKLDecodeTiled", "grid"], ["AutoencoderKLDecodeTiled", "run"]]);
-    return { queued: queued !== null };
+    return { queued: queued !== null, prompt_id: await waitForNewHistory(before) };
   });
 
   await step("panels_after_run", () => panels(page));
@@ -279,15 +280,17 @@ async function panelSteps(page) {
   await step("second_workflow", async () => {
     await page.evaluate(async (wf) => { await app.loadGraphData(wf); }, readWorkflow(opts.workflow2));
     await page.waitForTimeout(500);
+    const before = await historyIds();
     await page.evaluate(() => app.queuePrompt(0, 1));
     await waitForPanels(page, [["AutoencoderKLSetAttentionProcessor", "card"], ["AutoencoderKLEncode", "run"],
       ["AutoencoderKLDecode", "run"]]);
+    const promptId = await waitForNewHistory(before);
     await showWholeGraph(page);
     await page.waitForTimeout(300);
     const file = path.join(opts.artifacts, "web_attention_round_trip.png");
     await page.screenshot({ path: file });
     result.artifacts.push(file);
-    return { panels: await panels(page) };
+    return { prompt_id: promptId, panels: await panels(page) };
   });
 }
 
