@@ -47,10 +47,15 @@ THUMBNAIL_MEAN_ABS = 3.0
 
 
 def _hosts():
-    """(id, ComfyUI folder, extra PYTHONPATH or None) of each host the browser tests run on."""
+    """(id, ComfyUI folder, extra PYTHONPATH or None, extra server args) of each host the browser
+    tests run on. "0.3.75-frontend-1.35.9" (not in the default list) is 0.3.75 serving the second
+    host's frontend through --front-end-root: the same checks pass on it."""
     second = Path(os.environ.get("AKL_HOST2_DIR", REPO_ROOT / ".host" / "ComfyUI-0.8.0" / "ComfyUI"))
     second_path = os.environ.get("AKL_HOST2_PYTHONPATH", str(REPO_ROOT / ".host" / "py-0.8.0"))
-    known = {"0.3.75": (REPO_ROOT / ".host" / "ComfyUI", None), "0.8.0": (second, second_path)}
+    first = REPO_ROOT / ".host" / "ComfyUI"
+    frontend2 = Path(second_path) / "comfyui_frontend_package" / "static"
+    known = {"0.3.75": (first, None, ()), "0.8.0": (second, second_path, ()),
+             "0.3.75-frontend-1.35.9": (first, None, ("--front-end-root", str(frontend2)))}
     wanted = [h.strip() for h in os.environ.get("AKL_WEB_HOSTS", "0.3.75,0.8.0").split(",") if h.strip()]
     unknown = set(wanted) - set(known)
     if unknown:
@@ -78,7 +83,7 @@ def _comfy_server_module():
 @pytest.fixture(scope="module", params=_hosts())
 def browser_run(request, node_bin):
     """Start a server on one host, run browser_test.mjs against it once; yields (observations, server, history)."""
-    host, comfy_dir, pythonpath = request.param
+    host, comfy_dir, pythonpath, server_args = request.param
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} missing (Debian package 'chromium'); {SETUP_HINT}")
     if not (WEB_TESTS / "node_modules" / "playwright-core").is_dir():
@@ -86,13 +91,16 @@ def browser_run(request, node_bin):
     if not (Path(comfy_dir) / "main.py").is_file():
         pytest.skip(f"ComfyUI {host} is not installed at {comfy_dir} (scripts/setup.sh installs 0.3.75; the "
                     f"second host: AKL_HOST2_DIR, see tests/web/test_browser.py)")
+    for i, arg in enumerate(server_args):
+        if arg == "--front-end-root" and not (Path(server_args[i + 1]) / "index.html").is_file():
+            pytest.skip(f"no frontend at {server_args[i + 1]} (install the second host's packages, see above)")
     if not DEMO_VAE.is_file():
         pytest.fail(f"{DEMO_VAE} missing: the templates name the shipped demo VAE")
     cs = _comfy_server_module()
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
-    server = cs.ComfyServer(comfy_dir=comfy_dir, env=env)
+    server = cs.ComfyServer(comfy_dir=comfy_dir, env=env, extra_args=server_args)
     server.start()
     try:
         artifacts = ARTIFACTS / f"web-{host}"
@@ -131,13 +139,16 @@ def _panel(panels, node_type):
     return found[0]
 
 
-def _history_output(history, node_type, key, prompt_id):
-    """The UI output `key` of `node_type` in the run `prompt_id` (the server's own record)."""
-    entry = history[prompt_id]
-    for node_id, out in entry["outputs"].items():
-        if entry["prompt"][2][node_id]["class_type"] == node_type and key in out:
-            return out[key][0]
-    raise AssertionError(f"no {key} output of {node_type} in run {prompt_id} of the server's history")
+def _history_output(history, node_type, key, prompt_id=None):
+    """The UI output `key` of `node_type` in the run `prompt_id` (the server's own record); without
+    prompt_id, from the first run that has one (the loader's card: every run here loads the same file,
+    and a run that takes the loader from the host's cache records no card)."""
+    for pid in ([prompt_id] if prompt_id else list(history)):
+        entry = history[pid]
+        for node_id, out in entry["outputs"].items():
+            if entry["prompt"][2][node_id]["class_type"] == node_type and key in out:
+                return out[key][0]
+    raise AssertionError(f"no {key} output of {node_type} in run {prompt_id or 'any'} of the server's history")
 
 
 def _psnr(a, b) -> float:
@@ -202,7 +213,7 @@ def test_panels_wait_for_a_run(browser_run):
 def test_loader_shows_model_card(browser_run):
     observed, _, history = browser_run
     panel = _panel(_step(observed, "panels_after_run"), "AutoencoderKLLoader")
-    card = _history_output(history, "AutoencoderKLLoader", "akl_card", _step(observed, "queue_and_run")["prompt_id"])
+    card = _history_output(history, "AutoencoderKLLoader", "akl_card")
     assert panel["visible"] and panel["card"] == card
     rows = panel["rows"]
     assert set(CARD_LABELS) <= set(rows), rows
@@ -249,7 +260,7 @@ def test_changing_tile_size_updates_grid(browser_run):
     changed = _step(observed, "change_tile_size")
     assert changed["widget_value"] == NEW_TILE
     panel = _panel(changed["panels"], "AutoencoderKLDecodeTiled")
-    card = _history_output(history, "AutoencoderKLLoader", "akl_card", _step(observed, "queue_and_run")["prompt_id"])
+    card = _history_output(history, "AutoencoderKLLoader", "akl_card")
     want = _card_grid(grid, card, NEW_TILE)
     before = grid.tile_grid(IMAGE_H, IMAGE_W, TILE, OVERLAP, METHOD)
     assert want["tiles"] != before["tiles"]
