@@ -49,6 +49,12 @@ def demo_prompt(tile_size: int, overlap: int, method: str, own_image: bool = Fal
     return prompt
 
 
+def shown(path: Path) -> str:
+    """A path as printed: relative to the checkout when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
@@ -111,8 +117,7 @@ def main() -> None:
     with ComfyServer(log_dir=LOG_DIR) as srv:
         if args.image is not None:
             shutil.copy(photo, srv.input_dir / INPUT_NAME)  # the demo server's temporary input folder
-        print(f"ComfyUI up in {srv.startup_seconds:.1f} s at {srv.url}; photo {photo.relative_to(ROOT) if photo.is_relative_to(ROOT) else photo}; "
-              f"log {srv.log_path.relative_to(ROOT)}")
+        print(f"ComfyUI up in {srv.startup_seconds:.1f} s at {srv.url}; photo {shown(photo)}; log {shown(srv.log_path)}")
         prompt_id = srv.post_prompt(prompt)["prompt_id"]
         entry = srv.wait_for(prompt_id, timeout=600)
         status = entry.get("status", {})
@@ -139,8 +144,8 @@ def main() -> None:
     print(f"reconstruction PSNR vs original: {psnr(recon, original):.2f} dB  ({original.shape[1]}x{original.shape[0]})")
     print(f"tiled ({args.method}, tile {args.tile_size}, overlap {args.overlap}) vs untiled: "
           f"max |diff| {int(diff.max())}/255, PSNR {psnr(tiled, recon):.2f} dB")
-    print(f"wrote {', '.join(str(p.relative_to(ROOT)) for p in saved.values())}, "
-          f"{(args.out / 'comparison.png').relative_to(ROOT)} in {seconds:.1f} s")
+    print(f"wrote {', '.join(shown(p) for p in saved.values())}, {shown(args.out / 'comparison.png')} "
+          f"in {seconds:.1f} s")
 
 
 if __name__ == "__main__":
