@@ -12,6 +12,7 @@ from ..vae_core import AutoencoderKL, available_attn_processors
 from ..vae_core.loading import VAELoadError, is_pretrained_folder, only_variant
 from . import grid, run
 from .cache import MODELS, file_signature
+from .sample_image import AutoencoderKLSampleImage
 from .vae_object import DTYPES, as_akl, build, outside_inference_mode
 
 logger = logging.getLogger(__name__)
@@ -336,6 +337,7 @@ NODE_CLASS_MAPPINGS = {
     "AutoencoderKLEncodeTiled": AutoencoderKLEncodeTiled,
     "AutoencoderKLDecodeTiled": AutoencoderKLDecodeTiled,
     "AutoencoderKLSetAttentionProcessor": AutoencoderKLSetAttentionProcessor,
+    "AutoencoderKLSampleImage": AutoencoderKLSampleImage,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -345,4 +347,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AutoencoderKLEncodeTiled": "VAE Encode Tiled (AutoencoderKL)",
     "AutoencoderKLDecodeTiled": "VAE Decode Tiled (AutoencoderKL)",
     "AutoencoderKLSetAttentionProcessor": "Set VAE Attention Processor (AutoencoderKL)",
+    "AutoencoderKLSampleImage": "AutoencoderKL Sample Image",
 }
