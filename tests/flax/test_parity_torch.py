@@ -143,8 +143,8 @@ def test_return_dict_false_gives_tuples():
     (posterior,) = jax.eval_shape(lambda p: model.apply({"params": p}, x, method=model.encode, return_dict=False),
                                   c.params)
     assert isinstance(posterior, FlaxDiagonalGaussianDistribution) and posterior.mean.shape == (1, 4, 4, 4)
-    (pixels,) = jax.eval_shape(lambda p: model.apply({"params": p}, posterior.mean, method=model.decode,
-                                                     return_dict=False), c.params)
+    (pixels,) = jax.eval_shape(lambda p, z: model.apply({"params": p}, z, method=model.decode, return_dict=False),
+                               c.params, posterior.mean)
     assert pixels.shape == (1, 3, 16, 16)
 
 
