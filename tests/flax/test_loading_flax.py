@@ -133,3 +133,13 @@ def test_torch_core_errors_pass_through(tmp_path):
     (tmp_path / "lora.safetensors").write_bytes(b"")
     with pytest.raises(VAELoadError, match="empty"):
         FlaxAutoencoderKL.from_single_file(tmp_path / "lora.safetensors")
+
+
+def test_from_torch_takes_diffusers_torch_model():
+    from core_helpers import make_pair
+
+    ref, ours = make_pair("no_attention")
+    model_a, params_a = FlaxAutoencoderKL.from_torch(ref)
+    model_b, params_b = FlaxAutoencoderKL.from_torch(ours)
+    assert model_a.config == model_b.config and not model_a.mid_block_add_attention
+    _same_params(params_a, params_b)
