@@ -7,6 +7,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup.sh"
 "$ROOT/scripts/setup_host2.sh"
+"$ROOT/scripts/setup_flax.sh"  # the torch-free diffusers 0.39 Flax reference for tests/flax
 if [ -x "$ROOT/scripts/setup_browser.sh" ]; then
     "$ROOT/scripts/setup_browser.sh"
 fi
