@@ -74,7 +74,7 @@ def child_oom(spec: dict) -> None:
     raises out-of-memory and the planner must retry tiled; on the CPU with a small free-memory figure."""
     import torch
 
-    from vae_core import AutoencoderKL, planner
+    from vae_core import AutoencoderKL, memory, planner
 
     device, size = spec["device"], spec["size"]
     torch.manual_seed(0)
@@ -83,12 +83,12 @@ def child_oom(spec: dict) -> None:
     free_bytes = None
     if device == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory
-        limit = planner.estimate_bytes("decode", tuple(z.shape), torch.float32, model.config) // 3 + 2**30
+        limit = memory.estimate_bytes("decode", tuple(z.shape), torch.float32, model.config) // 3 + 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total))
         # the planner reads the device's free memory, which the fraction does not change: it plans
         # untiled, runs out of memory and must retry tiled
     else:
-        free_bytes = planner.estimate_bytes("decode", tuple(z.shape), torch.float32, model.config) // 3
+        free_bytes = memory.estimate_bytes("decode", tuple(z.shape), torch.float32, model.config) // 3
     t = time.perf_counter()
     try:
         out, report = planner.run_decode(model, z, free_bytes=free_bytes)
