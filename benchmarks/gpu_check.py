@@ -169,7 +169,7 @@ def main(argv: List[str] = None) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device is visible (use --device cpu for the CPU form)")
     if args.quick:
-        sizes, dtypes, compile_dtypes, tiling = [64], ["fp32", "bf16"], [], [(256, 128)]
+        sizes, dtypes, compile_dtypes, tiling = [64], ["fp32", "bf16"], [], [(128, 64)]
         oom_size, server_size, repeats = 128, 64, 1
     else:
         sizes, dtypes, compile_dtypes = [1024], ["fp32", "fp16", "bf16"], ["bf16"]
