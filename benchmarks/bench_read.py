@@ -18,9 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SD_CONFIG = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                 norm_num_groups=32, sample_size=512)
+from sd_size import SD_CONFIG  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 # Run in a child: read the file one way, print seconds and peak RSS (MiB) as JSON.
 CHILD = r"""
