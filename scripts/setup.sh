@@ -126,18 +126,7 @@ fi
 # --------------------------------------------------------------------------
 # 4. link this repo into custom_nodes
 # --------------------------------------------------------------------------
-mkdir -p "$COMFY_DIR/custom_nodes"
-if [ -L "$PACK_LINK" ]; then
-    if [ "$(readlink "$PACK_LINK")" != "$REPO_ROOT" ]; then
-        rm "$PACK_LINK"
-        ln -s "$REPO_ROOT" "$PACK_LINK"
-    fi
-elif [ -e "$PACK_LINK" ]; then
-    log "ERROR: $PACK_LINK exists and is not a symlink; remove it and re-run"
-    exit 1
-else
-    ln -s "$REPO_ROOT" "$PACK_LINK"
-fi
+"$REPO_ROOT/scripts/link_pack.sh" "$COMFY_DIR"
 log "custom_nodes/ComfyUI-AutoencoderKL -> $(readlink "$PACK_LINK")"
 
 END_TS=$(date +%s)
