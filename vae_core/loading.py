@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from . import convert, safe_read
+from .errors import VAELoadError, WeightsNotFoundError  # noqa: F401  (public here, as before)
 from .config import AutoencoderKLConfig
 from .latent_formats import get_family
 
@@ -33,14 +34,6 @@ META_FAMILY = "vae_core.family"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _CONTAINER_NAMES = {"safetensors": "safetensors file", "zip-pickle": "torch zip checkpoint (torch.save)",
                     "pickle": "legacy torch pickle"}
-
-
-class VAELoadError(ValueError):
-    """A file that is not a loadable VAE; the message names the file and the problem."""
-
-
-class WeightsNotFoundError(VAELoadError, FileNotFoundError):
-    """A diffusers folder without the weights file asked for (an OSError too, as diffusers raises)."""
 
 
 # -- containers ---------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from typing import Any, BinaryIO, Dict, Optional, Tuple, Union
 
 import torch
 
+from .errors import VAELoadError
+
 PathLike = Union[str, os.PathLike]
 
 # safetensors' own reader refuses headers over 100 MB; a VAE's header is ~20 KB.
@@ -41,8 +43,6 @@ _ST_DTYPES: Dict[str, torch.dtype] = {
 
 
 def _error(message: str) -> Exception:
-    from .loading import VAELoadError  # loading imports this module: import at call time
-
     return VAELoadError(message)
 
 

@@ -203,9 +203,11 @@ def test_hosts_vae_in_our_nodes(server, sd_vae):
 
 def test_tiled_nodes_send_progress_events(server):
     g = _load_api("akl_tiled_round_trip")
+    g["1"] = {"class_type": "LoadImage", "inputs": {"image": "akl_demo.png"}}  # 160 x 128
     g["2"]["inputs"]["vae_name"] = "akl_e2e_tiny.safetensors"
     for nid in ("3", "4"):
-        g[nid]["inputs"].update(tile_size=64, overlap=16)
+        # blend: a fixed tile geometry (exact, the default, counts one step per tile and pass)
+        g[nid]["inputs"].update(tile_size=64, overlap=16, method="blend")
     g["5"]["inputs"]["filename_prefix"] = "akl_progress"
     with server.collect_ws_events() as ws:
         entry = _run(server, g)
