@@ -497,7 +497,7 @@ perceptual and adversarial losses on millions of images.
 | `models/train_log.csv` | the loss log, one row every {m['log_every']} steps |
 | `models/loss_curve.png` | the loss curves and the held-out PSNR during training |
 | `models/reconstructions.png` | held-out crops: original (left) and reconstruction (right) |
-| `models/before_after.png` | held-out crops: original, the first demo model, this model |
+| `models/before_after.jpg` | held-out crops: original, the first demo model, this model |
 | `models/samples/chelsea.png` | a held-out photo for the demo workflow (CC0, see below) |
 
 ## Model
@@ -571,7 +571,7 @@ of reconstruction minus original per channel (R, G, B), in 8-bit code values.
 | **mean** | | **{m['mean_psnr']:.2f}** | **{m['mean_ssim']:.4f}** | largest {m['max_colour_shift']:.2f} |
 
 {('The first demo model (1.13 M parameters, fp32, 18 min of training on skimage.data only) on the same photos:' + chr(10) + chr(10) + '| image | PSNR (dB) | SSIM | mean shift R, G, B (/255) |' + chr(10) + '|---|---|---|---|' + chr(10) + first_rows + chr(10)) if first_rows else ''}
-![before and after](before_after.png)
+![before and after](before_after.jpg)
 
 ![reconstructions](reconstructions.png)
 
@@ -620,7 +620,7 @@ def save_reconstructions(vae: AutoencoderKL, imgs: Dict[str, np.ndarray], path: 
 
 
 def save_before_after(before: AutoencoderKL, after: AutoencoderKL, imgs: Dict[str, np.ndarray], path: Path,
-                      crop: int = 256) -> None:
+                      crop: int = 256, labels: Optional[tuple] = None) -> None:
     """Rows of held-out centre crops: original | `before` model | `after` model, labelled."""
     from PIL import Image, ImageDraw
 
@@ -638,12 +638,12 @@ def save_before_after(before: AutoencoderKL, after: AutoencoderKL, imgs: Dict[st
                             for r in rows], axis=0)
     head = Image.new("RGB", (width, 18), (255, 255, 255))
     draw = ImageDraw.Draw(head)
-    for i, label in enumerate(("original", "first demo model (1.13 M, fp32)", f"this model ({NAME})")):
+    for i, label in enumerate(labels or ("original", "first demo model (1.13 M, fp32)", f"this model ({NAME})")):
         draw.text((i * crop + 4, 3), label, fill=(0, 0, 0))
     out = Image.new("RGB", (width, 18 + sheet.shape[0]), (255, 255, 255))
     out.paste(head, (0, 0))
     out.paste(Image.fromarray(sheet), (0, 18))
-    out.save(path, optimize=True)
+    out.save(path, quality=92)  # JPEG: a photo sheet, a quarter of the PNG size
 
 
 # -- training -------------------------------------------------------------------------------
@@ -809,7 +809,7 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
     if before is not None:  # the model this one replaces, on the same held-out photos
         old = AutoencoderKL.from_single_file(before).eval()
         metrics["first_model"] = evaluate(old, heldout)
-        save_before_after(old, shipped, heldout, out / "before_after.png")
+        save_before_after(old, shipped, heldout, out / "before_after.jpg")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     shutil.copy(work / "train_log.csv", out / "train_log.csv")
     if rows and rows[-1].get("heldout_psnr") in (None, ""):
@@ -827,6 +827,37 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
         f"{NAME}.\n"
     )
     write_model_card(out, metrics)
+    return metrics
+
+
+def repackage(src: Path, out: Path, before_metrics: Path, tried: Optional[Path] = None) -> dict:
+    """Re-export an existing single-file model as the shipped file (fp16, family "demo", description)
+    and re-score it on today's held-out set, keeping the training facts of `before_metrics` (the
+    metrics.json that came with it); `tried`, a checkpoint of a model not shipped, is drawn beside
+    it in OUT/before_after.jpg and scored under "tried"."""
+    import skimage
+
+    old = json.loads(before_metrics.read_text())
+    vae = AutoencoderKL.from_single_file(src).eval()
+    weights = export_weights(vae, out)
+    shipped = load_exported(weights).eval()
+    heldout = heldout_images(0, True)
+    res = evaluate(shipped, heldout)
+    metrics = {**old, "weights_relpath": str(weights.relative_to(out.parent) if out.name == "models" else weights),
+               "weights_bytes": weights_bytes(weights), "storage": "fp16, safetensors (the loader upcasts to fp32)",
+               "family": FAMILY, "repackaged_from": src.name, "skimage": skimage.__version__,
+               "heldout": res, "mean_psnr": float(np.mean([r["psnr"] for r in res.values()])),
+               "mean_ssim": float(np.mean([r["ssim"] for r in res.values()])),
+               "min_psnr": float(min(r["psnr"] for r in res.values())),
+               "max_colour_shift": float(max(abs(c) for r in res.values() for c in r["colour_shift"])),
+               "debian_packages": dict(images.DEBIAN_PACKAGES)}
+    if tried is not None:
+        other = load_checkpoint(tried).eval()
+        metrics["tried"] = {"checkpoint": tried.name, "heldout": evaluate(other, heldout)}
+        save_before_after(shipped, other, heldout, out / "before_after.jpg",
+                          labels=("original", "shipped (first demo model)", "tried fine-tune (not shipped)"))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    save_reconstructions(shipped, heldout, out / "reconstructions.png")
     return metrics
 
 
@@ -853,11 +884,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "starts from the first demo model, git 2d26bec)")
     ap.add_argument("--full-hue", action="store_true",
                     help="colour jitter at any hue angle on half the colour crops (the first model's)")
+    ap.add_argument("--repackage", type=Path, default=None,
+                    help="skip training: re-export this single-file model as the shipped file (fp16, family "
+                         "'demo') and re-score it, keeping the training facts of OUT/metrics.json")
+    ap.add_argument("--tried", type=Path, default=None,
+                    help="with --repackage: a checkpoint of a model not shipped, scored and drawn beside it")
     ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW peak learning rate")
     ap.add_argument("--before", type=Path, default=None,
                     help="the model this one replaces (e.g. `git show 2d26bec:models/vae/"
                          "autoencoderkl-demo-f8.safetensors > first.safetensors`): scored on the card and "
-                         "drawn in OUT/before_after.png")
+                         "drawn in OUT/before_after.jpg")
     ap.add_argument("--export-from", type=Path, default=None,
                     help="skip training: re-export a checkpoint written by an earlier run (e.g. after the "
                          "loaders changed); card/plot use OUT/train_log.csv")
@@ -876,6 +912,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
 
+    if args.repackage is not None:
+        before_metrics = work / "repackaged_from_metrics.json"
+        shutil.copy(out / "metrics.json", before_metrics)
+        metrics = repackage(args.repackage, out, before_metrics, args.tried)
+        print(json.dumps({k: metrics[k] for k in ("weights_relpath", "weights_bytes", "mean_psnr", "min_psnr",
+                                                   "max_colour_shift")}))
+        return 0
     if args.export_from is not None:
         vae = load_checkpoint(args.export_from)
         meta = {}
