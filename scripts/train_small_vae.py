@@ -447,6 +447,9 @@ def plot_curves(rows: List[dict], path: Path) -> None:
 # -- the model card -------------------------------------------------------------------------
 
 
+HISTORY_FULL_HUE = ("\n  With the mild jitter, that run got worse on held-out photos after step 1000 (19.9 dB mean,\n"
+                    "  -51/255 of green at step 2000) while training photos kept their colours, and was\n"
+                    "  stopped; this one uses the full-circle jitter so that context cannot predict colour.")
 JITTER_MILD = ("Colour jitter on a quarter of the colour crops: chroma (YIQ) turned by at most\n"
                "  20 degrees and scaled by 0.8-1.25, brightness/contrast by a few per cent.")
 JITTER_FULL = ("Colour jitter on half of the colour crops: chroma (YIQ) turned by any angle and scaled\n"
@@ -546,8 +549,8 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
   the casts come from: reconstructed in 64 px tiles the held-out cat kept its colours (mean shift
   within 2/255, 24.5 dB), whole it lost 25/255 of green (22.0 dB); the first model does the same
   (+0.9 vs -17/255). GroupNorm normalises with the statistics of what it sees, so a model trained
-  on small crops casts whole photos; this run trains on 128-256 px crops. The held-out photos
-  were thus looked at twice (both step-1000 checkpoints) to make these choices.
+  on small crops casts whole photos; this run trains on 128-256 px crops.{HISTORY_FULL_HUE if m.get('full_hue') else ''}
+  The held-out photos were looked at during these runs to make these choices.
 - Reproduce: {('`git show 2d26bec:models/vae/autoencoderkl-demo-f8.safetensors > ' + m['init'] + '`, then ') if m.get('init') else ''}`.venv/bin/python scripts/train_small_vae.py --fetch-data --out models
   --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --init ' + m['init'] + ' --before ' + m['init']) if m.get('init') else ''}`
   (`--fetch-data` runs `apt-get download` into `$AKL_TRAIN_DATA`, default `outputs/train_data`).
@@ -858,7 +861,167 @@ def repackage(src: Path, out: Path, before_metrics: Path, tried: Optional[Path] 
                           labels=("original", "shipped (first demo model)", "tried fine-tune (not shipped)"))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     save_reconstructions(shipped, heldout, out / "reconstructions.png")
+    write_repackaged_card(out, metrics)
     return metrics
+
+
+def write_repackaged_card(out: Path, m: dict) -> None:
+    """The card of a repackaged model: today's held-out numbers, its original training facts, and
+    what was tried instead and why it was not shipped."""
+    def shift(r):
+        return ", ".join(f"{v:+.2f}" for v in r["colour_shift"])
+
+    def table(res):
+        return "\n".join(f"| {n} | {r['shape'][1]}x{r['shape'][0]} | {r['psnr']:.2f} | {r['ssim']:.4f} | {shift(r)} |"
+                         for n, r in res.items())
+
+    def licence_rows(split):
+        return "\n".join(f"| {im.name} | {im.licence} | {im.source} |" for im in images.IMAGES if im.split == split)
+
+    tried = m.get("tried") or {}
+    tried_block = ""
+    if tried:
+        tr = tried["heldout"]
+        tried_block = f"""The best fine-tune tried instead (`{tried['checkpoint']}`, not shipped; see "Tried" below):
+
+| image | size | PSNR (dB) | SSIM | mean shift R, G, B (/255) |
+|---|---|---|---|---|
+{table(tr)}
+| **mean** | | **{np.mean([r['psnr'] for r in tr.values()]):.2f}** | **{np.mean([r['ssim'] for r in tr.values()]):.4f}** | largest {max(abs(c) for r in tr.values() for c in r['colour_shift']):.2f} |
+"""
+    meets = all(r["psnr"] >= 25.0 for r in m["heldout"].values()) and m["max_colour_shift"] <= 2.0
+    cfg = json.dumps(m["config"], indent=2)
+    text = f"""# {NAME}: a small KL-f8 VAE for demos and tests
+
+**Family: demo. Not SD-compatible.** Its latents mean nothing to any diffusion model (SD1.x,
+SDXL, SD3, FLUX): use it to try the nodes without downloading a 300 MB VAE, and in tests that
+want real images through a trained model. The file says so itself: its safetensors metadata holds
+`vae_core.family = "demo"` and a `vae_core.description`, which the Load VAE node's card shows.
+
+**It casts colours.** On {len(m['heldout'])} held-out photos it reaches {m['mean_psnr']:.2f} dB mean PSNR (lowest
+{m['min_psnr']:.2f} dB), mean SSIM {m['mean_ssim']:.4f}, and a largest mean channel shift of
+{m['max_colour_shift']:.2f}/255: whole photos lose green (the cat turns pink, yellow sand turns
+red). Targets of issue 17 (PSNR >= 25 dB on each held-out photo at 256-512 px, colour shift
+<= 2/255): **{'met' if meets else 'not met'}**. The weights are still those of the first demo model (git 2d26bec),
+re-exported in fp16 with the metadata above: no retrained model beat them on the cat in the time
+there was (see "Tried").
+
+## Files
+
+| path | what |
+|---|---|
+| `{m['weights_relpath']}` | the weights ({m['weights_bytes'] / 1e6:.2f} MB, {m['storage']}) |
+| `models/MODEL_CARD.md` | this card |
+| `models/metrics.json` | the numbers below, machine-readable (the tests read it) |
+| `models/train_log.csv` | the first model's loss log, one row every {m['log_every']} steps |
+| `models/loss_curve.png` | the first model's loss curve |
+| `models/reconstructions.png` | held-out crops: original (left) and reconstruction (right) |
+| `models/before_after.jpg` | held-out crops: original, this model, the best fine-tune tried |
+| `models/samples/chelsea.png` | a held-out photo for the demo workflow (CC0, see below) |
+
+## Model
+
+AutoencoderKL from `vae_core` (diffusers' architecture and names), {m['params']:,} parameters:
+4 levels (f8), block_out_channels {m['config']['block_out_channels']}, layers_per_block 1,
+norm_num_groups 16, 4 latent channels, single-head attention in both mid blocks.
+`scaling_factor` = {m['scaling_factor']:.5f} (1 / std of posterior samples over its whole training
+images; `vae_core.latent_formats` family "demo" holds the same value); `shift_factor` = None.
+Stored in fp16 (2.3 MB); `vae_core`'s loader copies the weights into fp32 parameters, so it runs in
+fp32 unless a dtype is chosen (fp16 storage moves the held-out PSNR by < 0.01 dB).
+
+```json
+{cfg}
+```
+
+## Training (of these weights)
+
+- Data: the ten skimage.data training images listed below; random crops at scales 1, 3/4, 1/2,
+  flips, and on half of the crops a colour jitter (colour crops: chroma turned by any angle in YIQ
+  and scaled by 0.6-1.4; grey crops: a uniform tint).
+- Loss: the reparameterised negative ELBO with an L1 likelihood on pixels in [-1, 1]
+  (Kingma & Welling 2014): L1 + 0.5 * L1 of image differences + beta * KL with beta = 1e-6
+  relative to the per-image summed L1 (LDM kl-f8's weight).
+- AdamW, lr 1e-3 (cosine to 2e-5); 64 px crops x 8, then 96 px x 4; fp32.
+- {m['steps']} steps in {m['wall_s'] / 60:.1f} min, torch threads: {m['threads']}, seed {m['seed']}.
+- Reproduce: `git show 2d26bec:scripts/train_small_vae.py` with `--steps 6000 --minutes 18
+  --threads 1 --seed 0` gives weights like these (the clock stopped that run); this file is then
+  `scripts/train_small_vae.py --repackage first.safetensors --out models` (fp16 export, family and
+  description metadata, today's held-out set), with `first.safetensors` from
+  `git show 2d26bec:models/vae/autoencoderkl-demo-f8.safetensors`.
+
+![loss curve](loss_curve.png)
+
+## Held-out reconstructions
+
+Held-out set: {', '.join(m['heldout'])} (never in any training run here; the Debian ones at 512 px on
+the longer side). Whole images centre-cropped to multiples of 8, encoded to the posterior mean,
+decoded, clamped, rounded to uint8; PSNR over all pixels and channels (peak 255); SSIM from
+`skimage.metrics.structural_similarity(channel_axis=2, data_range=255)`; colour shift: the mean
+of reconstruction minus original per channel (R, G, B), in 8-bit code values.
+
+| image | size | PSNR (dB) | SSIM | mean shift R, G, B (/255) |
+|---|---|---|---|---|
+{table(m['heldout'])}
+| **mean** | | **{m['mean_psnr']:.2f}** | **{m['mean_ssim']:.4f}** | largest {m['max_colour_shift']:.2f} |
+
+{tried_block}
+![before and after](before_after.jpg)
+
+![reconstructions](reconstructions.png)
+
+## Tried, not shipped, and what the runs showed
+
+`scripts/train_small_vae.py` now has what issue 17 asked for: photos from the Debian packages
+{', '.join(f'`{k}` {v}' for k, v in m['debian_packages'].items())} (fetched with `--fetch-data`), crops at four scales
+and flips, a milder or a full-circle chroma jitter, an 8x8 block colour/chroma L1 term beside L1
+and edges, bf16 autocast (1.3-1.7x faster per step here), EMA weights, fp16 export. On a 2-core
+machine shared with ~8 jobs (steps of 0.25 s alone took 1-2 s), these runs were measured, each on
+one thread:
+
+- a wider (32, 64, 96, 96) model (2.36 M, 4.7 MB in fp16) from scratch: 1000 steps in 21 min,
+  18.1 dB mean held-out PSNR, almost no chroma (sepia). Stopped.
+- the first model fine-tuned on 64-128 px crops with the mild jitter: step 1000, 19.9 dB mean,
+  green lost on held-out photos (up to -49/255) while training photos kept their colours.
+- the same on 128-256 px crops: 20.1 dB mean at step 1000, then worse (19.9 dB, -51/255 at 2000). Stopped.
+- the same with the full-circle jitter: the "tried" model above.
+
+What they showed: reconstructed in 64 px tiles, the held-out cat keeps its colours with these
+very weights (25.06 dB, mean shift +1.2, +0.9, +1.8); whole, it loses green (-17/255). Training
+photos reconstruct whole without a cast. So the casts are a failure to generalise colour from
+whole-image context (GroupNorm statistics and the mid-block attention see the whole image;
+skipping the decoder's attention alone recovers 2.8 dB on the cat in the 64-128 px fine-tune)
+learned on too few images. Next: many more photos (hundreds, not 24), whole-image or 256-512 px
+training crops, and the full-circle chroma jitter from the start, in a run of several hours.
+The held-out photos were looked at to make these choices.
+
+## Data and licences
+
+skimage.data images from the scikit-image {m['skimage']} wheel, licences and sources as its
+docstrings state them. Debian photos: licences and copyright holders as each package's
+`/usr/share/doc/PACKAGE/copyright` states them; they are not part of this repository.
+
+Used to train these weights: the ten skimage.data "train" images below. Used only by the runs
+tried (with the skimage ones):
+
+| image | licence | source |
+|---|---|---|
+{licence_rows('train')}
+
+Held out:
+
+| image | licence | source |
+|---|---|---|
+{licence_rows('test')}
+
+## Limits
+
+- Small and briefly trained on ten images: blurry fine texture, a pink/magenta cast on whole
+  photos. Do not judge a tiling or loading method by its absolute quality; compare methods
+  against its own untiled output.
+- Not compatible with any Stable Diffusion, SDXL, SD3 or FLUX model: its latent space is its own.
+- For demos and tests only.
+"""
+    (out / "MODEL_CARD.md").write_text(text)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
