@@ -28,6 +28,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model"
 CONFIG_NAME = "config.json"
 META_CONFIG = "vae_core.config"
 META_FAMILY = "vae_core.family"
+META_DESCRIPTION = "vae_core.description"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -231,6 +232,8 @@ def from_state_dict(cls, sd: Dict[str, torch.Tensor], config: Any = None, family
         "config_origin": cfg_origin,
         "source": source,
     }
+    if metadata and metadata.get(META_DESCRIPTION):  # what the file says it is, for the model card
+        model.info["description"] = str(metadata[META_DESCRIPTION])
     return model
 
 
