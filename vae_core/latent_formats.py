@@ -28,6 +28,9 @@ FAMILIES = {
     "sd3": LatentFormat("sd3", "SD3/3.5", 16, 1.5305, 0.0609, 1024),
     # black-forest-labs/FLUX.1-dev vae/config.json
     "flux": LatentFormat("flux", "FLUX.1", 16, 0.3611, 0.1159, 1024),
+    # the shipped demo VAE (models/MODEL_CARD.md): its own latent space, not SD-compatible;
+    # 1/std of its posterior samples over its training images, no shift
+    "demo": LatentFormat("demo", "demo (not SD-compatible)", 4, 0.18154, None, 256),
 }
 
 # Accepted spellings of family names.
@@ -36,6 +39,7 @@ _ALIASES = {
     "sdxl": "sdxl", "xl": "sdxl",
     "sd3": "sd3", "sd35": "sd3", "sd3.5": "sd3",
     "flux": "flux", "flux1": "flux", "flux.1": "flux",
+    "demo": "demo",
 }
 
 
@@ -48,5 +52,5 @@ def get_family(name: str) -> LatentFormat:
 
 def describe_channels(channels: int) -> str:
     """Which families use `channels` latent channels, for error messages."""
-    names = [f.label for f in FAMILIES.values() if f.latent_channels == channels]
+    names = [f.label for f in FAMILIES.values() if f.latent_channels == channels and f.name != "demo"]
     return "/".join(n.split("/")[0] if "/" in n and len(names) > 1 else n for n in names) if names else "unknown family"
