@@ -599,7 +599,10 @@ Held out:
 ## Limits
 
 - Small and briefly trained (18 min from scratch, then about an hour of fine-tuning, one CPU thread): soft fine texture (fur,
-  whiskers, foliage), some loss on saturated objects. Do not judge a tiling or loading method by
+  whiskers, foliage), and whole photos still lose green (the cat turns pinkish, yellow sand
+  red; see the held-out table): colour from whole-image context does not generalise from 24
+  training images. Next: hundreds of photos, 256-512 px crops and the full-circle jitter from
+  the start, for several hours. Do not judge a tiling or loading method by
   its absolute quality; compare methods against its own untiled output.
 - Not compatible with any Stable Diffusion, SDXL, SD3 or FLUX model: its latent space is its own.
 - For demos and tests only.
