@@ -21,9 +21,7 @@ import torch  # noqa: E402
 
 from vae_core import AutoencoderKL, planner  # noqa: E402
 
-SD_CONFIG = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                 norm_num_groups=32, sample_size=512)
+from sd_size import SD_CONFIG  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 
 def main() -> None:

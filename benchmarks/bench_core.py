@@ -16,15 +16,7 @@ import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SD_CONFIG = dict(
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=512,
-)
+from sd_size import SD_CONFIG  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 # One measurement: build the model (weights seeded identically for both implementations), warm up
 # once, time `repeats` runs, report the best time and the first run's peak resident memory growth.

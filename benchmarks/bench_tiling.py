@@ -28,10 +28,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = os.path.join(ROOT, ".host", "ComfyUI")
-SD_CONFIG = dict(
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, norm_num_groups=32,
-)
+from sd_size import SD_CONFIG  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 
 def _rss_bytes() -> int:
@@ -168,7 +165,7 @@ def main() -> None:
     sys.path.insert(0, ROOT)
     import torch
 
-    from vae_core import AutoencoderKLConfig, planner
+    from vae_core import AutoencoderKLConfig, memory
 
     cfg = AutoencoderKLConfig(**SD_CONFIG)
     print(f"# SD-size random-weight VAE {SD_CONFIG['block_out_channels']}, {args.dtype}, batch {args.batch}, "
@@ -183,7 +180,7 @@ def main() -> None:
                     print(f"{kind} {size}: untiled failed: {ref['error']}")
                     continue
                 shape = (args.batch, 4 if kind == "decode" else 3) + ((size // 8,) * 2 if kind == "decode" else (size,) * 2)
-                est = planner.estimate_bytes(kind, shape, {"fp32": torch.float32, "bf16": torch.bfloat16,
+                est = memory.estimate_bytes(kind, shape, {"fp32": torch.float32, "bf16": torch.bfloat16,
                                                            "fp16": torch.float16}[args.dtype], cfg)
                 print(f"\n## {kind} {size}x{size}: untiled {ref['seconds']:.1f} s, peak {_gib(ref['peak']):.2f} GiB, "
                       f"delta {_gib(ref['peak'] - ref['base']):.2f} GiB; planner estimate {_gib(est):.2f} GiB "
@@ -206,7 +203,7 @@ def main() -> None:
                             continue
                         psnr, maxerr = _compare(ref["path"], res["path"], kind)
                         delta = max(1, res["peak"] - res["base"])
-                        est_t = (f"{planner.estimate_tiled_bytes(kind, shape, torch_dtype, cfg, tile) / delta:.2f}"
+                        est_t = (f"{memory.estimate_tiled_bytes(kind, shape, torch_dtype, cfg, tile) / delta:.2f}"
                                  if method == "exact-lean" else "")
                         print(f"| {method} | {tile} | {psnr:.1f} | {maxerr:.2e} | {_gib(res['peak']):.2f} | "
                               f"{res['peak'] / ref['peak']:.2f} | "

@@ -1,32 +1,63 @@
 """Loaded-model cache for the loader node: one load per (file, dtype), reloaded when the file's
-modification time or size changes. Not a general cache: it holds at most MAX_ENTRIES VAEs."""
+content signature changes (size, mtime and a cheap hash of its header, index and sampled blocks;
+every file of a diffusers folder). Not a general cache: it holds at most MAX_ENTRIES VAEs."""
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 import threading
 from typing import Callable, Hashable, Tuple
 
 MAX_ENTRIES = 4
+# Files up to this size are hashed whole (config.json, tiny VAEs); larger ones by their header (the
+# safetensors tensor index), their tail (a zip's central directory, with every entry's CRC-32) and
+# SAMPLES evenly spaced blocks, so two files of one architecture and size still differ.
+FULL_HASH_MAX = 4 << 20
+BLOCK = 64 << 10
+SAMPLES = 16
+MAX_INDEX = 100_000_000  # safetensors' own header limit
 
 
-def file_signature(path: str) -> Tuple[int, int]:
-    """(mtime_ns, size) of a file, or of the newest/largest entry of a diffusers folder."""
+def content_digest(path: str, size: int) -> str:
+    """A cheap content hash: about 2 MB read whatever the file's size (a rewrite that keeps the size
+    and mtime, as `cp -p` does, still changes it)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_MAX:
+            h.update(f.read())
+            return h.hexdigest()
+        head = f.read(BLOCK)
+        h.update(head)
+        index = int.from_bytes(head[:8], "little")
+        if head[8:9] == b"{" and BLOCK < 8 + index <= min(size, MAX_INDEX):  # the rest of a safetensors index
+            h.update(f.read(8 + index - BLOCK))
+        for i in range(1, SAMPLES + 1):
+            f.seek((size - BLOCK) * i // (SAMPLES + 1))
+            h.update(f.read(BLOCK))
+        f.seek(max(0, size - 16 * BLOCK))
+        h.update(f.read())
+    return h.hexdigest()
+
+
+def file_signature(path: str) -> Tuple:
+    """(mtime_ns, size, content digest) of a file; for a diffusers folder, the sorted tuple of that
+    for every file in it, by relative name."""
     if os.path.isdir(path):
-        mtime, size = 0, 0
+        entries = []
         for root, _dirs, files in os.walk(path):
             for name in files:
-                st = os.stat(os.path.join(root, name))
-                mtime, size = max(mtime, st.st_mtime_ns), size + st.st_size
-        return mtime, size
+                full = os.path.join(root, name)
+                entries.append((os.path.relpath(full, path), *file_signature(full)))
+        return tuple(sorted(entries))
     st = os.stat(path)
-    return st.st_mtime_ns, st.st_size
+    return st.st_mtime_ns, st.st_size, content_digest(path, st.st_size)
 
 
 class ModelCache:
     def __init__(self, max_entries: int = MAX_ENTRIES):
         self.max_entries = max_entries
-        self._entries: "collections.OrderedDict[Hashable, Tuple[Tuple[int, int], object]]" = collections.OrderedDict()
+        self._entries: "collections.OrderedDict[Hashable, Tuple[Tuple, object]]" = collections.OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0  # how many times a loader function actually ran (for tests and the card)
 

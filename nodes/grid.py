@@ -1,4 +1,5 @@
-"""Tile grids and memory estimates for the tiled nodes, in plain Python (no torch, no host).
+"""Tile grids for the tiled nodes: rows x columns, validation, and the per-tile memory figure the
+web panel shows (from `vae_core.memory`, which web/akl_lib.js mirrors). No host imports.
 
 The tiled nodes, their tests and the web extension share these numbers; they must match what
 `vae_core.tiling.blend_tiled` actually runs (tiles start every `tile - overlap` pixels).
@@ -6,7 +7,9 @@ The tiled nodes, their tests and the web extension share these numbers; they mus
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
+
+from ..vae_core import memory
 
 # Limits of the tile_size / overlap widgets (pixels).
 TILE_MIN, TILE_MAX, TILE_DEFAULT = 64, 4096, 512
@@ -14,13 +17,29 @@ OVERLAP_MAX, OVERLAP_DEFAULT = 2048, 64
 # Every KL-VAE family (SD1/SDXL/SD3/FLUX) downsamples by 8, so tiles align to 8 pixels.
 ALIGN = 8
 
-# Activation bytes per pixel and per channel of the widest (first) block, per element size.
-# Calibrated so that SD-size VAEs (128 channels) match the host's own estimates for KL-VAEs
-# (comfy.sd.VAE: about 2178 elements per decoded and 1767 per encoded pixel).
-DECODE_ELEMENTS_PER_PIXEL_CHANNEL = 17.0
-ENCODE_ELEMENTS_PER_PIXEL_CHANNEL = 14.0
-
 METHODS_ALWAYS = ("blend",)
+
+# The model fields the memory model reads (vae_core.memory); a grid carries them so the web panel can
+# recompute its estimate for new widget values.
+MODEL_FIELDS = ("block_out_channels", "latent_channels", "in_channels", "out_channels", "mid_block_add_attention")
+
+
+class _Model:
+    def __init__(self, fields: Dict[str, Any]):
+        self.__dict__.update(fields)
+
+
+def model_summary(config: Any = None, latent_channels: int = 4, width: int = 128,
+                  factor: int = ALIGN) -> Dict[str, Any]:
+    """The memory model's fields of `config` (an AutoencoderKLConfig); without one, an SD-shaped VAE
+    (widths width, 2, 4, 4 x width over log2(factor) + 1 levels, RGB, mid-block attention)."""
+    if config is not None:
+        return {k: (list(getattr(config, k)) if k == "block_out_channels" else getattr(config, k))
+                for k in MODEL_FIELDS}
+    levels = int(math.log2(factor)) + 1
+    widths = [width * min(2 ** i, 4) for i in range(levels)]
+    return {"block_out_channels": widths, "latent_channels": latent_channels, "in_channels": 3, "out_channels": 3,
+            "mid_block_add_attention": True}
 
 
 def check_tile_params(tile_size: Optional[int], overlap: Optional[int], align: int = ALIGN) -> Optional[str]:
@@ -60,11 +79,13 @@ def _starts(size: int, stride: int) -> int:
 
 def tile_grid(image_h: int, image_w: int, tile_size: int, overlap: int, method: str = "blend",
               latent_channels: int = 4, width: int = 128, dtype_bytes: int = 4, batch: int = 1,
-              direction: str = "decode", factor: int = ALIGN) -> Dict[str, object]:
+              direction: str = "decode", factor: int = ALIGN, model: Optional[Dict[str, Any]] = None
+              ) -> Dict[str, object]:
     """The grid a tiled encode/decode of an image_h x image_w (pixels) image runs.
 
-    An image that fits in one tile runs untiled (1 x 1). `width` is the VAE's first block width
-    (block_out_channels[0]); estimated_bytes is the activation peak of one tile.
+    An image that fits in one tile runs untiled (1 x 1). `model` is `model_summary(config)` (without
+    it, an SD-shaped VAE of first block width `width`); estimated_bytes is the activation peak of one
+    tile of the batch (`vae_core.memory.tile_working_bytes`).
     """
     err = check_tile_params(tile_size, overlap, factor)
     if err:
@@ -77,8 +98,9 @@ def tile_grid(image_h: int, image_w: int, tile_size: int, overlap: int, method: 
     else:  # "exact": tiles of tile_size without cross-fade
         rows, cols = math.ceil(image_h / tile_size), math.ceil(image_w / tile_size)
     tile_h, tile_w = min(tile_size, image_h), min(tile_size, image_w)
-    per = DECODE_ELEMENTS_PER_PIXEL_CHANNEL if direction == "decode" else ENCODE_ELEMENTS_PER_PIXEL_CHANNEL
-    estimated = int(per * width * tile_h * tile_w * dtype_bytes * batch)
+    if model is None:
+        model = model_summary(None, latent_channels, width, factor)
+    estimated = memory.tile_working_bytes(direction, tile_h, tile_w, _Model(model), int(dtype_bytes), batch)
     return {
         "rows": rows,
         "cols": cols,
@@ -89,13 +111,9 @@ def tile_grid(image_h: int, image_w: int, tile_size: int, overlap: int, method: 
         "image_w": image_w,
         "method": method,
         "direction": direction,
-        "latent_channels": latent_channels,
+        "latent_channels": model["latent_channels"],
         "estimated_bytes": estimated,
+        "model": dict(model),
+        "dtype_bytes": int(dtype_bytes),
+        "batch": int(batch),
     }
-
-
-def estimate_bytes(direction: str, batch: int, image_h: int, image_w: int, width: int = 128,
-                   dtype_bytes: int = 4) -> int:
-    """Activation peak (bytes) of an untiled encode/decode of `batch` images of image_h x image_w pixels."""
-    per = DECODE_ELEMENTS_PER_PIXEL_CHANNEL if direction == "decode" else ENCODE_ELEMENTS_PER_PIXEL_CHANNEL
-    return int(per * width * image_h * image_w * dtype_bytes * batch)

@@ -9,9 +9,10 @@ from typing import Any, Dict, List, Optional
 import folder_paths
 
 from ..vae_core import AutoencoderKL, available_attn_processors
-from ..vae_core.loading import VAELoadError, is_pretrained_folder
+from ..vae_core.loading import VAELoadError, is_pretrained_folder, only_variant
 from . import grid, run
 from .cache import MODELS, file_signature
+from .sample_image import AutoencoderKLSampleImage
 from .vae_object import DTYPES, as_akl, build, outside_inference_mode
 
 logger = logging.getLogger(__name__)
@@ -29,10 +30,12 @@ TILE_TOOLTIP = (f"Tile side in image pixels ({grid.TILE_MIN}-{grid.TILE_MAX}, a 
                 "Smaller tiles use less memory; an image that fits in one tile runs untiled.")
 OVERLAP_TOOLTIP = (f"Pixels shared by neighbouring tiles (a multiple of {grid.ALIGN}, at most half the tile). "
                    "The 'blend' method cross-fades over this band; 'exact' needs no overlap and ignores it.")
-METHOD_TOOLTIP = ("How tiles are joined. 'blend': diffusers' tiling, cross-fading overlapping tiles (fast, "
-                  "small seams possible). 'exact': pools normalisation statistics over the whole image, so "
-                  "the result equals the untiled one; it keeps intermediate results in free memory when there "
-                  "is room (about 1.1x untiled time) and recomputes them when there is not (up to ~1.5x).")
+METHOD_TOOLTIP = ("How tiles are joined. 'exact' (the default, also for API prompts that omit it): pools "
+                  "normalisation statistics over the whole image, so the result equals the untiled one; it keeps "
+                  "intermediate results in free memory when there is room (about 1.1x untiled time) and "
+                  "recomputes them when there is not (up to ~1.5x). 'blend': diffusers' tiling, cross-fading "
+                  "overlapping tiles (seams and colour shifts possible); kept for parity with diffusers and for "
+                  "saved workflows, which keep the method they stored.")
 
 
 # -- the vae_name combo -----------------------------------------------------------------------
@@ -132,7 +135,8 @@ class AutoencoderKLLoader:
         def _load():
             with outside_inference_mode():
                 if os.path.isdir(path):
-                    core = AutoencoderKL.from_pretrained(path)
+                    # a folder of only .fp16 weights loads as such (from_pretrained alone needs variant=)
+                    core = AutoencoderKL.from_pretrained(path, variant=only_variant(path))
                 else:
                     core = AutoencoderKL.from_single_file(path)
                 return build(core, name=vae_name, dtype=dtype)
@@ -216,7 +220,7 @@ def _tiled_inputs(first: str, first_type: str, first_tooltip: str) -> Dict[str, 
                                 "step": grid.ALIGN, "tooltip": OVERLAP_TOOLTIP}),
         },
         "optional": {
-            "method": (list(run.tiling_methods()), {"default": "blend", "tooltip": METHOD_TOOLTIP}),
+            "method": (list(run.tiling_methods()), {"default": run.DEFAULT_METHOD, "tooltip": METHOD_TOOLTIP}),
         },
     }
 
@@ -250,7 +254,7 @@ class AutoencoderKLEncodeTiled(_TiledNode):
     def INPUT_TYPES(cls):
         return _tiled_inputs("pixels", "IMAGE", PIXELS_IN_TOOLTIP)
 
-    def encode(self, pixels, vae, tile_size: int, overlap: int, method: str = "blend"):
+    def encode(self, pixels, vae, tile_size: int, overlap: int, method: str = run.DEFAULT_METHOD):
         err = _check_tiles(tile_size, overlap, method)
         if err:
             raise ValueError(err)
@@ -274,7 +278,7 @@ class AutoencoderKLDecodeTiled(_TiledNode):
     def INPUT_TYPES(cls):
         return _tiled_inputs("samples", "LATENT", LATENT_IN_TOOLTIP)
 
-    def decode(self, samples, vae, tile_size: int, overlap: int, method: str = "blend"):
+    def decode(self, samples, vae, tile_size: int, overlap: int, method: str = run.DEFAULT_METHOD):
         err = _check_tiles(tile_size, overlap, method)
         if err:
             raise ValueError(err)
@@ -286,10 +290,9 @@ class AutoencoderKLDecodeTiled(_TiledNode):
 
 
 def _grid_ui(report: Dict[str, Any], akl, direction: str) -> Dict[str, Any]:
-    g = grid.tile_grid(report["image_h"], report["image_w"], report["tile_size"], report["overlap"],
-                       report["method"], akl.latent_channels, akl.core.config.block_out_channels[0],
-                       run.mm.dtype_size(akl.vae_dtype), report["batch"], direction, akl.downscale_ratio)
-    return g
+    return grid.tile_grid(report["image_h"], report["image_w"], report["tile_size"], report["overlap"],
+                          report["method"], dtype_bytes=run.mm.dtype_size(akl.vae_dtype), batch=report["batch_chunk"],
+                          direction=direction, factor=akl.downscale_ratio, model=grid.model_summary(akl.core.config))
 
 
 class AutoencoderKLSetAttentionProcessor:
@@ -334,6 +337,7 @@ NODE_CLASS_MAPPINGS = {
     "AutoencoderKLEncodeTiled": AutoencoderKLEncodeTiled,
     "AutoencoderKLDecodeTiled": AutoencoderKLDecodeTiled,
     "AutoencoderKLSetAttentionProcessor": AutoencoderKLSetAttentionProcessor,
+    "AutoencoderKLSampleImage": AutoencoderKLSampleImage,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -343,4 +347,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "AutoencoderKLEncodeTiled": "VAE Encode Tiled (AutoencoderKL)",
     "AutoencoderKLDecodeTiled": "VAE Decode Tiled (AutoencoderKL)",
     "AutoencoderKLSetAttentionProcessor": "Set VAE Attention Processor (AutoencoderKL)",
+    "AutoencoderKLSampleImage": "AutoencoderKL Sample Image",
 }

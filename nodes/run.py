@@ -8,24 +8,30 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 import comfy.model_management as mm
 import comfy.utils
 
-from ..vae_core import planner, tiling
+from ..vae_core import memory, planner, tiling
+from ..vae_core.attention import score_rows
 from ..vae_core.exact_tiling import exact_tiled_decode, exact_tiled_encode
 from ..vae_core.distribution import DiagonalGaussianDistribution
-from . import grid
+from . import grid, host_memory
 from .vae_object import DTYPE_NAMES, AutoencoderKLVAE, outside_inference_mode
 
 logger = logging.getLogger(__name__)
 
 def tiling_methods() -> Tuple[str, ...]:
-    """The tiled nodes' `method` choices: diffusers' "blend" and the core's "exact"."""
+    """The tiled nodes' `method` choices: diffusers' "blend" and the core's "exact" (the default)."""
     return grid.METHODS_ALWAYS + ("exact",)
+
+
+# The tiled nodes' method when a prompt (or a workflow saved before the input existed) gives none:
+# "exact" equals the untiled result. Saved workflows keep the method they stored.
+DEFAULT_METHOD = "exact"
 
 
 # -- IMAGE / LATENT <-> tensors -------------------------------------------------------------
@@ -62,15 +68,66 @@ def pixels_to_image(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 # -- progress and cancel --------------------------------------------------------------------
 
 
-def progress_callback(total: int) -> Callable[[int, int], None]:
-    """callback(done, total) for the core's tilers: checks Cancel, then moves the node's progress bar."""
+# A tiled run of more tiles than this is announced up front (log, node text, run report); any run of
+# more progress steps than this (exact tiling counts a step per tile per pass) gets its time left
+# announced once 1% of its steps has run. A 4096^2 decode in 64 px blend tiles with 32 px overlap is
+# 16,384 tiles, about 6 h on a CPU.
+LONG_RUN_TILES = 2000
+# A long run's time left is announced this many seconds in (after at least three steps) when 1% of
+# its steps takes longer: a 6 h run is timed after about a minute, not 3.6 min.
+EARLY_ESTIMATE_S = 60.0
+
+
+def show_text(text: str) -> None:
+    """Show `text` on the running node now (the host's progress text, where it has one) and log it."""
+    logger.warning("%s", text)
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:  # an older host: the log and the run report carry it
+        return
+    context = get_executing_context()
+    server = getattr(PromptServer, "instance", None)
+    if context is not None and server is not None and hasattr(server, "send_progress_text"):
+        server.send_progress_text(text, context.node_id)
+
+
+def progress_callback(total: int, notes: Optional[List[str]] = None,
+                      announce_over: Optional[int] = None) -> Callable[[int, int], None]:
+    """callback(done, total) for the core's tilers: checks Cancel, then moves the node's progress bar.
+    A run of more than `announce_over` steps gets its estimated time left announced (LONG_RUN_TILES,
+    EARLY_ESTIMATE_S), appended to `notes` (the run report's warnings)."""
     pbar = comfy.utils.ProgressBar(max(1, total))
+    start = time.perf_counter()
+    announced = False
+    announce_over = LONG_RUN_TILES if announce_over is None else announce_over
 
     def callback(done: int, total_now: int) -> None:
+        nonlocal announced
         mm.throw_exception_if_processing_interrupted()
         pbar.update_absolute(done, max(1, total_now))
+        if announced or total_now <= announce_over or done < 1:
+            return
+        elapsed = time.perf_counter() - start
+        # after 1% of the steps, or sooner once a few steps took long enough to time
+        if done >= max(1, total_now // 100) or (done >= 3 and elapsed >= EARLY_ESTIMATE_S):
+            announced = True
+            eta = elapsed / done * (total_now - done)
+            text = (f"long run: {total_now} steps, about {_duration(eta)} left at the pace of the first {done} "
+                    "(Cancel stops it within one step)")
+            show_text(text)
+            if notes is not None:
+                notes.append(text)
 
     return callback
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -115,15 +172,19 @@ def _report(direction: str, vae: AutoencoderKLVAE, batch: int, h: int, w: int, t
         "image_w": int(w),
         "planner": False,
         "reason": None,
+        "batch_chunk": int(batch),  # images per run: the planner splits a batch that does not fit whole
+        "batch_runs": 1,
+        "warnings": [],  # long runs, inputs far outside the VAE's range
     }
 
 
 def _free_bytes(vae: AutoencoderKLVAE) -> int:
     """Free memory as the host's memory manager sees it on the VAE's device."""
-    return int(mm.get_free_memory(vae.device))
+    return host_memory.free_bytes(vae)
 
 
-_PLANNER_KEYS = ("tiled", "tile_size", "method", "fp32_retry", "estimated_bytes", "reason")
+_PLANNER_KEYS = ("tiled", "tile_size", "method", "fp32_retry", "estimated_bytes", "reason", "batch_chunk",
+                 "batch_runs")
 
 
 def _merge_planner_report(report: Dict[str, Any], planner_report: Dict[str, Any]) -> None:
@@ -155,6 +216,27 @@ def check_input(t: torch.Tensor, what: str) -> None:
                          f"(e.g. {culprit}): fix it there")
 
 
+# Far outside what a VAE sees: trained latents stay within tens, images within [0, 1]. Such inputs
+# run (they may be deliberate) but the run report says so.
+LATENT_RANGE = 1e4
+IMAGE_RANGE = (-0.5, 1.5)
+
+
+def input_warnings(t: torch.Tensor, what: str) -> List[str]:
+    """Warnings for a finite `what` ("latent" or "image") far outside a VAE's range; never refused."""
+    if what == "latent":
+        top = float(t.abs().max())
+        if top > LATENT_RANGE:
+            return [f"the latent holds values up to |{top:.3g}|, far outside a VAE's range (|z| < {LATENT_RANGE:g}); "
+                    "the image will be meaningless: check the scaling of what feeds this node"]
+        return []
+    lo, hi = float(t.min()), float(t.max())
+    if lo < IMAGE_RANGE[0] or hi > IMAGE_RANGE[1]:
+        return [f"the image holds values in [{lo:.3g}, {hi:.3g}], far outside [0, 1] (warned outside "
+                f"[{IMAGE_RANGE[0]}, {IMAGE_RANGE[1]}]): check the node that makes it"]
+    return []
+
+
 def _check_output(t: torch.Tensor, direction: str, inp: torch.Tensor) -> None:
     """fp32 already failed (or was the dtype): say so instead of returning a black image."""
     if not _finite(t):
@@ -165,8 +247,8 @@ def _check_output(t: torch.Tensor, direction: str, inp: torch.Tensor) -> None:
 
 
 def available_ram() -> Optional[int]:
-    """Bytes of system memory the server may still take (MemAvailable), None when unknown."""
-    return planner.free_memory(torch.device("cpu"))
+    """Bytes of system memory the server may still take (MemAvailable within the cgroup's limit), None when unknown."""
+    return host_memory.available_ram()
 
 
 # Use at most this fraction of the available system memory for one run; the rest is the host's
@@ -175,37 +257,40 @@ def available_ram() -> Optional[int]:
 RAM_FRACTION = 0.85
 
 
+def _rows(vae: AutoencoderKLVAE) -> int:
+    """Query rows of attention scores this VAE object's processors build at once (memory's `rows`)."""
+    return max((score_rows(p) for p in vae.attn_processors.values()), default=0)
+
+
 def _needed_ram(direction: str, vae: AutoencoderKLVAE, shape, tile: Optional[Dict[str, Any]]) -> Tuple[int, str]:
-    """(bytes of system memory a run needs at least, how it would run). shape: the input (B, C, H, W)."""
+    """(bytes of system memory a run needs at least, how it would run). shape: the input (B, C, H, W).
+    A batch that does not fit whole is split by the planner, so the least is one image at a time
+    (the other images' inputs and outputs waiting in memory); `vae_core.memory` gives every number."""
     cfg = vae.core.config
     b, _c, h, w = shape
     f = vae.upscale_ratio
     px_h, px_w = (h * f, w * f) if direction == "decode" else (h, w)
-    dsize = mm.dtype_size(vae.vae_dtype)
     # the result on the intermediate device: IMAGE float32 (decode) or latents (encode), made from a copy
     out = b * px_h * px_w * 3 * 4 if direction == "decode" else b * 2 * cfg.latent_channels * (h // f) * (w // f) * 4
     if direction == "encode":
         out += b * 3 * h * w * 4  # the [-1, 1] copy of the IMAGE the encoder reads
-    on_cpu = vae.device.type == "cpu"
-    if not on_cpu:  # device memory is the planner's (a CUDA OOM raises and is retried tiled)
+    if vae.device.type != "cpu":  # device memory is the planner's (a CUDA OOM raises and is retried tiled)
         return 2 * out, "on " + str(vae.device)
-    if tile is not None and tile["method"] == "blend":
-        g = grid.tile_grid(px_h, px_w, tile["tile_size"], tile["overlap"], "blend", cfg.latent_channels,
-                           cfg.block_out_channels[0], dsize, b, direction, f)
-        # every tile's output is kept until the rows are blended: about (t / (t - o))^2 outputs
-        t, o = tile["tile_size"], tile["overlap"]
-        outputs = (t / max(1, t - o)) ** 2 * out * dsize / 4
-        return int(g["estimated_bytes"] + outputs + 2 * out), f"blend-tiled in {t} px tiles"
-    dtype = vae.vae_dtype
+    dtype, rows = vae.vae_dtype, _rows(vae)
     if tile is not None:
-        t = tile["tile_size"]
-        return planner.estimate_tiled_bytes(direction, shape, dtype, cfg, t) + out, f"exact-tiled in {t} px tiles"
-    smallest = planner.TILE_CANDIDATES[-1]
-    untiled = planner.estimate_bytes(direction, shape, dtype, cfg)
-    tiled = planner.estimate_tiled_bytes(direction, shape, dtype, cfg, smallest)
-    if untiled <= tiled:
-        return untiled + out, "untiled"
-    return tiled + out, f"even with exact tiling in {smallest} px tiles"
+        run = dict(method=tile["method"], tile_size=tile["tile_size"], overlap=tile["overlap"], rows=rows)
+        how = f"{tile['method']}-tiled in {tile['tile_size']} px tiles"
+    else:
+        smallest = planner.TILE_CANDIDATES[-1]
+        tiled = dict(method="exact", tile_size=smallest, rows=rows)
+        if memory.chunk_bytes(direction, shape, 1, dtype, cfg, rows=rows) <= \
+                memory.chunk_bytes(direction, shape, 1, dtype, cfg, **tiled):
+            run, how = dict(rows=rows), "untiled"
+        else:
+            run, how = tiled, f"even with exact tiling in {smallest} px tiles"
+    if b > 1:
+        how += ", one image at a time"
+    return memory.chunk_bytes(direction, shape, 1, dtype, cfg, **run) + out, how
 
 
 def check_memory(direction: str, vae: AutoencoderKLVAE, shape, tile: Optional[Dict[str, Any]] = None) -> None:
@@ -223,8 +308,8 @@ def check_memory(direction: str, vae: AutoencoderKLVAE, shape, tile: Optional[Di
         f"AutoencoderKL {direction}: {b} image(s) of {px} px ({'latent' if direction == 'decode' else 'pixels'} "
         f"{list(shape)}) need about {need / 2**30:.1f} GiB of system memory ({how}), but only "
         f"{free / 2**30:.1f} GiB is available ({RAM_FRACTION:.0%} of it may be used); refused before starting, so "
-        "the server is not ended by the system's out-of-memory killer. Use a smaller size or batch "
-        "(e.g. crop or split the latent), a smaller tile, or a machine with more memory.")
+        "the server is not ended by the system's out-of-memory killer. Use a smaller size "
+        "(e.g. crop the latent), a smaller tile, or a machine with more memory.")
 
 
 # -- running ---------------------------------------------------------------------------------
@@ -236,18 +321,25 @@ def _prepare(direction: str, vae: AutoencoderKLVAE, shape, tile: Optional[Dict[s
     start the run report. shape: the input (B, C, H, W). Returns (report, progress total)."""
     check_memory(direction, vae, tuple(shape), tile)
     b = shape[0]
+    cfg = vae.core.config
     factor = vae.upscale_ratio if direction == "decode" else vae.downscale_ratio
     scale = factor if direction == "decode" else 1  # decode's shape is the latent's
     h, w = shape[-2] * scale, shape[-1] * scale
-    width = vae.core.config.block_out_channels[0]
-    dsize = mm.dtype_size(vae.vae_dtype)
+    run = dict(rows=_rows(vae))
+    total = 1
     if tile is not None:
-        g = grid.tile_grid(h, w, tile["tile_size"], tile["overlap"], tile["method"], vae.latent_channels, width,
-                           dsize, b, direction, factor)
-        estimated, total = g["estimated_bytes"], g["tiles"]
-    else:
-        estimated, total = grid.estimate_bytes(direction, b, h, w, width, dsize), 1
+        g = grid.tile_grid(h, w, tile["tile_size"], tile["overlap"], tile["method"], direction=direction,
+                           factor=factor, model=grid.model_summary(cfg))
+        total = g["tiles"]
+        run.update(method=tile["method"], tile_size=tile["tile_size"], overlap=tile["overlap"])
+    estimated = memory.estimate_run_bytes(direction, tuple(shape), vae.vae_dtype, cfg, **run)
     report = _report(direction, vae, b, h, w, tile, estimated)
+    if tile is not None and total > LONG_RUN_TILES:
+        text = (f"long run: {b} image(s) of {w}x{h} px in {total} tiles of {tile['tile_size']} px "
+                f"({tile['method']}); its time is estimated after the first 1% of steps, and Cancel stops it "
+                "within one tile. Larger tiles make far fewer")
+        show_text(text)
+        report["warnings"].append(text)
     vae.load_to_device(estimated)
     vae.use_own_attention()
     return report, total
@@ -276,8 +368,10 @@ def encode(vae: AutoencoderKLVAE, image: torch.Tensor, posterior: str = "mode", 
         raise ValueError(f"posterior={posterior!r}: choose 'mode' (the host's behaviour) or 'sample'")
     f = vae.downscale_ratio
     check_input(image, "image")
+    warnings = input_warnings(image, "image")
     x = image_to_pixels(image, f, vae.input_channels)
     report, total = _prepare("encode", vae, x.shape, tile)
+    report["warnings"] += warnings
     with _Measure(vae.device) as meas, outside_inference_mode():
         moments = _run_planned("encode", vae, x, f, tile, total, report)
         _check_output(moments, "encode", x)
@@ -287,7 +381,7 @@ def encode(vae: AutoencoderKLVAE, image: torch.Tensor, posterior: str = "mode", 
         else:
             z = dist.sample(generator=torch.Generator("cpu").manual_seed(int(seed)))
     report["seconds"], report["peak_bytes"] = round(meas.seconds, 4), meas.peak
-    return z.contiguous(), report
+    return z.to(vae.vae_output_dtype()).contiguous(), report  # the host's intermediate dtype
 
 
 def _run_planned(direction: str, vae: AutoencoderKLVAE, t: torch.Tensor, f: int, tile: Optional[Dict[str, Any]],
@@ -300,9 +394,10 @@ def _run_planned(direction: str, vae: AutoencoderKLVAE, t: torch.Tensor, f: int,
     if tile is not None:
         report["tiles"] = total
         run = _moments if direction == "encode" else _pixels
-        user = planner.UserTiling(tile["method"], tile["tile_size"], lambda model, inp, cb: run(model, inp, f, tile, cb))
+        user = planner.UserTiling(tile["method"], tile["tile_size"], lambda model, inp, cb: run(model, inp, f, tile, cb),
+                                  overlap=tile["overlap"])
     fn = planner.run_encode if direction == "encode" else planner.run_decode
-    out, prep = fn(core, t.to(vae.device, dtype), dtype=dtype, callback=progress_callback(total),
+    out, prep = fn(core, t.to(vae.device, dtype), dtype=dtype, callback=progress_callback(total, report["warnings"]),
                    free_bytes=_free_bytes(vae), user_tiling=user)
     _merge_planner_report(report, prep)
     if prep["tiled"] and prep["tile_size"] != (tile or {}).get("tile_size"):
@@ -331,11 +426,13 @@ def decode(vae: AutoencoderKLVAE, samples: torch.Tensor, tile: Optional[Dict[str
     """Raw latents (B, C, h, w) -> IMAGE (B, h*f, w*f, 3) float32 in [0, 1] on the intermediate device."""
     vae.check_latent(samples)
     check_input(samples, "latent")
+    warnings = input_warnings(samples, "latent")
     f = vae.upscale_ratio
     report, total = _prepare("decode", vae, samples.shape, tile)
+    report["warnings"] += warnings
     with _Measure(vae.device) as meas, outside_inference_mode():
         x = _run_planned("decode", vae, samples, f, tile, total, report)
         _check_output(x, "decode", samples)
-        image = pixels_to_image(x, vae.output_device)
+        image = pixels_to_image(x, vae.output_device).to(vae.vae_output_dtype())
     report["seconds"], report["peak_bytes"] = round(meas.seconds, 4), meas.peak
     return image, report

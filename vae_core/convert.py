@@ -177,6 +177,79 @@ def to_diffusers_layout(sd: StateDict) -> Tuple[StateDict, str]:
                      f"'encoder.down_blocks.0.resnets.0.conv1.weight' (diffusers); first keys: {_first(sorted(sd))}")
 
 
+# -- what else real VAE files carry ------------------------------------------------------------
+# Groups of keys that published VAE files hold beside the weights, found by name and dropped by
+# `drop_training_leftovers`; anything else unknown stays an error. Each row: (key prefix or exact
+# key, what it is). Seen in: stabilityai/sd-vae-ft-mse-original (model_ema.decay/num_updates, also in
+# its .safetensors conversion), CompVis/latent-diffusion kl-f4/kl-f8 model.ckpt (loss.*: LPIPS and
+# discriminator with int64 num_batches_tracked buffers), A1111-style .vae.pt files (both).
+TRAINING_LEFTOVERS = (
+    ("model_ema.", "EMA bookkeeping (model_ema.*)"),
+    ("loss.", "training loss networks (loss.*: LPIPS, discriminator)"),
+    ("global_step", "training counters (global_step, epoch)"),
+    ("epoch", "training counters (global_step, epoch)"),
+)
+
+
+def drop_training_leftovers(sd: StateDict) -> Tuple[StateDict, Dict[str, int]]:
+    """The state dict without the TRAINING_LEFTOVERS groups, and how many keys of each group went."""
+    kept: StateDict = {}
+    dropped: Dict[str, int] = {}
+    for key, value in sd.items():
+        group = next((what for name, what in TRAINING_LEFTOVERS
+                      if key == name or (name.endswith(".") and key.startswith(name))), None)
+        if group is None:
+            kept[key] = value
+        else:
+            dropped[group] = dropped.get(group, 0) + 1
+    return kept, dropped
+
+
+FLOAT8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                      if hasattr(torch, n))
+# ComfyUI's scaled-fp8 files (comfy/ops.py scaled_fp8_ops, comfy/model_detection.py): a `scaled_fp8`
+# marker tensor whose dtype names the format, a per-layer `<layer>.scale_weight` (the weight is
+# stored divided by it) and `<layer>.scale_input` (for fp8 matmuls only). Its newer per-layer
+# quantisation (comfy/ops.py MixedPrecisionOps) stores `<layer>.weight_scale` / `<layer>.input_scale`.
+_WEIGHT_SCALES = (".scale_weight", ".weight_scale")
+_INPUT_SCALES = (".scale_input", ".input_scale")
+_FP8_MARKER = "scaled_fp8"
+
+
+def dequantize_float8(sd: StateDict) -> Tuple[StateDict, int]:
+    """float8 weights upcast to float32 and every weight with a ComfyUI scale beside it multiplied by it
+    (in float32); the scale tensors and the marker are consumed. Returns (state dict, float8 tensors upcast).
+
+    Raises ValueError for a scale that is not one number (block-wise formats are not supported) or a
+    scale without its weight."""
+    out: StateDict = {}
+    scales: Dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key == _FP8_MARKER or key.endswith(_INPUT_SCALES):
+            continue
+        suffix = next((s for s in _WEIGHT_SCALES if key.endswith(s)), None)
+        if suffix is not None:
+            scales[key[: -len(suffix)] + ".weight"] = value
+            continue
+        out[key] = value
+    upcast = 0
+    for key, value in out.items():
+        scale = scales.pop(key, None)
+        if value.dtype in FLOAT8_DTYPES:
+            value = value.to(torch.float32)
+            upcast += 1
+        if scale is not None:  # ComfyUI computes with weight * scale for every layer that has one
+            if scale.numel() != 1:
+                raise ValueError(f"{key}: its scale has shape {tuple(scale.shape)}; only one scale per tensor "
+                                 "(ComfyUI's scaled fp8) is supported: convert the file to fp16/fp32")
+            value = value.to(torch.float32) * scale.to(torch.float32).reshape(())
+        out[key] = value
+    if scales:
+        raise ValueError(f"weight scales without their weight: {_first(sorted(scales))} (a scale must sit beside "
+                         "the weight it belongs to)")
+    return out, upcast
+
+
 # -- config inference -------------------------------------------------------------------------
 
 
@@ -230,21 +303,43 @@ def infer_config(sd: StateDict, **overrides) -> AutoencoderKLConfig:
 # -- family recognition -------------------------------------------------------------------------
 
 
+# Substrings of `modelspec.architecture` (Stability's model spec; ComfyUI writes e.g.
+# "stable-diffusion-xl-v1-base", "stable-diffusion-v3-medium") -> family, first match wins.
+MODELSPEC_FAMILIES = (
+    ("playground", "playground-v2-5"),
+    ("flux", "flux"),
+    ("stable-diffusion-v3", "sd3"),  # -v3-medium, -v3.5-large, -v3.5-large-turbo, -v3.5-medium
+    ("stable-diffusion-3", "sd3"),
+    ("sd3", "sd3"),
+    ("stable-diffusion-xl", "sdxl"),
+    ("sdxl", "sdxl"),
+    ("-xl", "sdxl"),
+    ("stable-diffusion-v1", "sd1"),
+    ("stable-diffusion-v2", "sd1"),
+)
+# Top-level keys of Playground v2.5 checkpoints (its EDM latent statistics): diffusers'
+# single_file_utils keys "playground-v2-5" on edm_mean, ComfyUI's supported_models.SDXL on both.
+PLAYGROUND_KEYS = ("edm_mean", "edm_std")
+
+
 def detect_family(cfg: AutoencoderKLConfig, full_checkpoint: Optional[StateDict] = None,
                   metadata: Optional[Dict[str, str]] = None) -> Tuple[Optional[str], str]:
     """Guess the model family; returns (family or None, how it was decided).
 
-    Order: our own metadata ("vae_core.family"), modelspec metadata, the other weights of a full
-    checkpoint (UNet/MMDiT/FLUX key names), then shapes alone. Shapes cannot tell SD1 from SDXL
-    or SD3 from FLUX: then the older family of the pair is assumed and the reason says so.
+    Order: our own metadata ("vae_core.family"), Playground's edm_mean/edm_std keys, modelspec
+    metadata, the other weights of a full checkpoint (UNet/MMDiT/FLUX key names), then shapes alone.
+    Shapes cannot tell SD1 from SDXL or SD3 from FLUX: then the older family of the pair is assumed
+    and the reason says so.
     """
     meta = metadata or {}
     if meta.get("vae_core.family"):
         return meta["vae_core.family"], "file metadata (vae_core.family)"
+    if full_checkpoint is not None and all(k in full_checkpoint for k in PLAYGROUND_KEYS) \
+            and cfg.latent_channels == 4:
+        return "playground-v2-5", "Playground v2.5's edm_mean/edm_std beside the weights"
     arch = (meta.get("modelspec.architecture") or "").lower()
     if arch:
-        for needle, fam in (("flux", "flux"), ("stable-diffusion-3", "sd3"), ("-xl", "sdxl"), ("sdxl", "sdxl"),
-                            ("stable-diffusion-v1", "sd1"), ("stable-diffusion-v2", "sd1")):
+        for needle, fam in MODELSPEC_FAMILIES:
             if needle in arch:
                 return fam, f"file metadata (modelspec.architecture={arch!r})"
     shape_ok = (tuple(cfg.block_out_channels) == (128, 256, 512, 512) and cfg.in_channels == 3)

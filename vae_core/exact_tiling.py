@@ -29,8 +29,9 @@ Nearest-2x upsampling followed by a 3x3 conv is computed as four 2x2 convs on th
 tensor (one per output phase, "sub-pixel" form): the same sums in another order (fp32-rounding
 differences only) at 16/36 of the multiply-adds, which pays for recomputing it.
 
-The mid-block attention runs once over the whole latent with the model's own processor; a
-plain-matmul processor is swapped for query slicing when its score matrix would be large.
+The mid-block attention runs once over the whole latent with the model's own processor, bounded by
+the attention guard (`attention.bounded_processor`: query slicing when its score matrix would not fit).
+Memory estimates are `memory.py`'s; this module imports neither the planner nor the nodes.
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .attention import (Attention, AttnProcessor, AttnProcessorBase, SlicedAttnProcessor, attention_progress,
-                        progress_steps)
+from . import memory
+from .attention import Attention, AttnProcessorBase, attention_progress, bounded_processor, progress_steps
 from .layers import ResnetBlock2D, subpixel_weights
 from .norm import GroupStats, apply_group_norm
 
@@ -52,11 +53,6 @@ ProgressCallback = Optional[Callable[[int, int], None]]
 
 # (row0, row1, col0, col1), half-open, in the coordinates of one node's output
 Region = Tuple[int, int, int, int]
-
-# A plain-matmul attention whose (B, N, N) fp32 score matrix would exceed this many bytes is
-# replaced by query slicing in tiled runs (2048^2 SD decode: N = 65536, scores = 16 GiB).
-MATH_ATTENTION_MAX_SCORE_BYTES = 256 * 2**20
-
 
 # -- regions ----------------------------------------------------------------------------
 
@@ -426,25 +422,6 @@ def _release_free_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-# -- attention ---------------------------------------------------------------------------
-
-
-def safe_attention_processor(attn: Attention, tokens: int, batch: int) -> AttnProcessorBase:
-    """The module's own processor, unless it is the plain-matmul one and its score matrix would be
-    large: then query slicing with the same maths, sized to MATH_ATTENTION_MAX_SCORE_BYTES."""
-    proc = attn.processor
-    score_bytes = batch * tokens * tokens * 4
-    if type(proc) is AttnProcessor and score_bytes > MATH_ATTENTION_MAX_SCORE_BYTES:
-        slice_size = max(1, MATH_ATTENTION_MAX_SCORE_BYTES // (4 * batch * tokens))
-        logger.info(
-            "attention: the plain-matmul processor would need a %.1f GiB score matrix for %d tokens; "
-            "using SlicedAttnProcessor(slice_size=%d) for this run",
-            score_bytes / 2**30, tokens, slice_size,
-        )
-        return SlicedAttnProcessor(slice_size)
-    return proc
-
-
 # -- the run --------------------------------------------------------------------------------
 
 
@@ -572,8 +549,10 @@ class _ExactRun:
             peak = max(peak, before + size[id(n)] if what == "attn" else max(before, after))
         return peak
 
-    def _processor(self, node: "AttentionNode") -> AttnProcessorBase:
-        return safe_attention_processor(node.attn, node.size[0] * node.size[1], self.batch)
+    def _processor(self, node: "AttentionNode"):
+        # the attention guard's choice for the whole latent (sliced when the scores would not fit)
+        shape = (self.batch, node.channels) + tuple(node.size)
+        return bounded_processor(node.attn.processor, shape, node.attn.to_q.weight.dtype, self.device)
 
     def _attention_steps(self, node: "AttentionNode") -> int:
         return progress_steps(self._processor(node), node.size[0] * node.size[1])
@@ -736,29 +715,21 @@ def store_budget_for(kind: str, model, t: torch.Tensor, tile_size: int, free_byt
     the leanest exact run needs besides its checkpoints; 0 (the leanest plan) when it is unknown."""
     if free_bytes is None:
         return 0
-    from . import planner
-
     dtype = _store_dtype(model)
-    lean = planner.estimate_tiled_bytes(kind, tuple(t.shape), dtype, model.config, int(tile_size))
-    trunk = planner.trunk_elems(kind, tuple(t.shape), model.config) * _itemsize(dtype)  # counted in `lean`
-    return max(0, int(free_bytes * planner.SAFETY) - lean + trunk)
+    lean = memory.estimate_tiled_bytes(kind, tuple(t.shape), dtype, model.config, int(tile_size))
+    trunk = memory.trunk_elems(kind, tuple(t.shape), model.config) * memory.itemsize(dtype)  # counted in `lean`
+    return max(0, memory.budget(free_bytes) - lean + trunk)
 
 
 def _store_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype  # checkpoints are kept in the dtype the layers compute in
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def _budget_elems(kind: str, model, t: torch.Tensor, tile_size: int, store_budget: Optional[int]) -> int:
     """`store_budget` bytes (None: from the device's free memory now) in stored elements."""
     if store_budget is None:
-        from . import planner
-
-        store_budget = store_budget_for(kind, model, t, tile_size, planner.free_memory(t.device))
-    return int(store_budget) // _itemsize(_store_dtype(model))
+        store_budget = store_budget_for(kind, model, t, tile_size, memory.free_memory(t.device))
+    return int(store_budget) // memory.itemsize(_store_dtype(model))
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ the host's LATENT holds raw latents. Values are from each model's published VAE 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +17,9 @@ class LatentFormat:
     scaling_factor: float
     shift_factor: Optional[float]
     sample_size: int  # diffusers' default tile size for the family
+    # per-channel statistics (diffusers' latents_mean/latents_std), for the families that publish them
+    latents_mean: Optional[Tuple[float, ...]] = None
+    latents_std: Optional[Tuple[float, ...]] = None
 
 
 FAMILIES = {
@@ -28,6 +31,12 @@ FAMILIES = {
     "sd3": LatentFormat("sd3", "SD3/3.5", 16, 1.5305, 0.0609, 1024),
     # black-forest-labs/FLUX.1-dev vae/config.json
     "flux": LatentFormat("flux", "FLUX.1", 16, 0.3611, 0.1159, 1024),
+    # playgroundai/playground-v2.5-1024px-aesthetic vae/config.json (the same numbers are ComfyUI's
+    # latent_formats.SDXL_Playground_2_5; diffusers' single-file loader reads them from the checkpoint's
+    # edm_mean/edm_std and sets PLAYGROUND_VAE_SCALING_FACTOR = 0.5). The VAE itself is SDXL's.
+    "playground-v2-5": LatentFormat("playground-v2-5", "Playground v2.5", 4, 0.5, None, 1024,
+                                    latents_mean=(-1.6574, 1.886, -1.383, 2.5155),
+                                    latents_std=(8.4927, 5.9022, 6.5498, 5.2299)),
     # the shipped demo VAE (models/MODEL_CARD.md): its own latent space, not SD-compatible;
     # 1/std of its posterior samples over its training images, no shift
     "demo": LatentFormat("demo", "demo (not SD-compatible)", 4, 0.18154, None, 256),
@@ -39,6 +48,8 @@ _ALIASES = {
     "sdxl": "sdxl", "xl": "sdxl",
     "sd3": "sd3", "sd35": "sd3", "sd3.5": "sd3",
     "flux": "flux", "flux1": "flux", "flux.1": "flux",
+    "playgroundv25": "playground-v2-5", "playground2.5": "playground-v2-5", "playgroundv2.5": "playground-v2-5",
+    "playground": "playground-v2-5", "pgv25": "playground-v2-5",
     "demo": "demo",
 }
 

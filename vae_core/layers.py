@@ -54,6 +54,13 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ValueError(f"act_fn {name!r} is not supported; choose one of {sorted(ACTIVATIONS)}") from None
 
 
+def checkpointed(owner: nn.Module, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    """block(*args), through owner's gradient-checkpointing function when it is enabled and autograd is on."""
+    if owner.gradient_checkpointing and torch.is_grad_enabled():
+        return owner._gradient_checkpointing_func(block, *args)
+    return block(*args)
+
+
 def group_norm(channels: int, groups: int) -> GroupNorm:
     return GroupNorm(num_groups=groups, num_channels=channels, eps=NORM_EPS, affine=True)
 
@@ -143,6 +150,9 @@ class Upsample2D(nn.Module):
         self._folded: Optional[Tuple[tuple, torch.Tensor, Optional[torch.Tensor]]] = None
 
     def folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if torch.compiler.is_compiling():
+            # inside torch.compile the fold is part of the graph (no cache: data_ptr/_version break graphs)
+            return subpixel_weights(self.conv)
         w = self.conv.weight
         # inference tensors (made under torch.inference_mode) have no version counter
         key = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype, w.device)
@@ -200,13 +210,16 @@ class UNetMidBlock2D(nn.Module):
 
     def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups, act_fn) for _ in range(2)])
+        # attentions registered before resnets, as in diffusers, so parameters() come in its order;
         # diffusers keeps a None placeholder so the module path stays attentions.0.
         self.attentions = nn.ModuleList([Attention(channels, groups) if add_attention else None])
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups, act_fn) for _ in range(2)])
+        self.gradient_checkpointing = False  # set by AutoencoderKL.enable_gradient_checkpointing
+        self._gradient_checkpointing_func: Optional[Callable] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.resnets[0](x)
+        x = checkpointed(self, self.resnets[0], x)
         attn: Optional[Attention] = self.attentions[0]
         if attn is not None:
             x = attn(x)
-        return self.resnets[1](x)
+        return checkpointed(self, self.resnets[1], x)

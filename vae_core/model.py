@@ -5,36 +5,26 @@ tiling, attention processors, state-dict names). File formats live in `loading.p
 """
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
-from typing import Any, Dict, Optional, Tuple, Union
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import tiling
-from .attention import Attention, AttnProcessor2_0, AttnProcessorBase, make_attn_processor
+from .attention import Attention, AttnProcessor, AttnProcessorBase, make_attn_processor
 from .config import AutoencoderKLConfig
 from .distribution import DiagonalGaussianDistribution, Generator
-from .layers import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D, get_activation, group_norm
+from .layers import (DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D, checkpointed, get_activation,
+                     group_norm)
+from .outputs import AutoencoderKLOutput, DecoderOutput
+
+__all__ = ["AutoencoderKL", "AutoencoderKLOutput", "Decoder", "DecoderOutput", "Encoder"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class AutoencoderKLOutput:
-    latent_dist: DiagonalGaussianDistribution
-
-    def __getitem__(self, i: int):
-        return (self.latent_dist,)[i]
-
-
-@dataclasses.dataclass
-class DecoderOutput:
-    sample: torch.Tensor
-
-    def __getitem__(self, i: int):
-        return (self.sample,)[i]
 
 
 # -- encoder / decoder ---------------------------------------------------------------
@@ -65,12 +55,14 @@ class Encoder(nn.Module):
         self.conv_norm_out = group_norm(ch[-1], cfg.norm_num_groups)
         self.conv_act = get_activation(cfg.act_fn)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, kernel_size=3, padding=1)
+        self.gradient_checkpointing = False  # set by AutoencoderKL.enable_gradient_checkpointing
+        self._gradient_checkpointing_func: Optional[Callable] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(_like_weights(x, self.conv_in))
         for block in self.down_blocks:
-            h = block(h)
-        h = self.mid_block(h)
+            h = checkpointed(self, block, h)
+        h = checkpointed(self, self.mid_block, h)
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))
 
 
@@ -81,7 +73,7 @@ class Decoder(nn.Module):
         super().__init__()
         ch = tuple(reversed(cfg.block_out_channels))
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], kernel_size=3, padding=1)
-        self.mid_block = UNetMidBlock2D(ch[0], cfg.norm_num_groups, cfg.act_fn, cfg.mid_block_add_attention)
+        # up_blocks registered before mid_block, as in diffusers, so parameters() come in its order
         self.up_blocks = nn.ModuleList(
             UpDecoderBlock2D(
                 ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, cfg.norm_num_groups, cfg.act_fn,
@@ -89,21 +81,79 @@ class Decoder(nn.Module):
             )
             for i in range(len(ch))
         )
+        self.mid_block = UNetMidBlock2D(ch[0], cfg.norm_num_groups, cfg.act_fn, cfg.mid_block_add_attention)
         self.conv_norm_out = group_norm(ch[-1], cfg.norm_num_groups)
         self.conv_act = get_activation(cfg.act_fn)
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, kernel_size=3, padding=1)
+        self.gradient_checkpointing = False  # set by AutoencoderKL.enable_gradient_checkpointing
+        self._gradient_checkpointing_func: Optional[Callable] = None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(_like_weights(z, self.conv_in))
-        h = self.mid_block(h)
+        h = checkpointed(self, self.mid_block, h)
         # diffusers runs the up blocks in their parameter dtype (they may differ when upcast)
-        h = h.to(next(iter(self.up_blocks.parameters())).dtype)
+        h = h.to(self.up_blocks[0].resnets[0].norm1.weight.dtype)  # their first parameter
         for block in self.up_blocks:
-            h = block(h)
+            h = checkpointed(self, block, h)
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))
 
 
 # -- the model -----------------------------------------------------------------------
+
+_CONFIG_KEYS = frozenset(AutoencoderKLConfig().keys())
+_PRETRAINED_KWARGS = ("subfolder", "torch_dtype", "dtype", "variant", "family", "use_safetensors",
+                      "low_cpu_mem_usage", "local_files_only", "output_loading_info", "<any config key>")
+# diffusers options that a local, CPU-loading, accelerate-free core does not implement
+_DIFFUSERS_ONLY = {
+    "device_map": "load, then call .to(device)",
+    "max_memory": "load, then call .to(device)",
+    "offload_folder": "offloading is not implemented",
+    "offload_state_dict": "offloading is not implemented",
+    "quantization_config": "quantization is not implemented",
+    "cache_dir": "vae_core reads local folders only; download the folder first",
+    "revision": "vae_core reads local folders only; download that revision first",
+    "token": "vae_core reads local folders only",
+    "force_download": "vae_core reads local folders only",
+    "proxies": "vae_core reads local folders only",
+    "push_to_hub": "vae_core does not upload",
+}
+
+
+def _reject_unknown(where: str, kwargs: Dict[str, Any], accepted) -> None:
+    """Raise TypeError naming every keyword that `where` does not take (never swallow them silently)."""
+    if not kwargs:
+        return
+    names = sorted(kwargs)
+    hints = "; ".join(f"{k}: {_DIFFUSERS_ONLY[k]}" for k in names if k in _DIFFUSERS_ONLY)
+    raise TypeError(f"AutoencoderKL.{where}() got unexpected keyword argument(s) {names}"
+                    + (f" ({hints})" if hints else "")
+                    + (f"; it accepts {', '.join(accepted)}" if accepted else ""))
+
+
+def _dtype_alias(torch_dtype: Optional[torch.dtype], kwargs: Dict[str, Any]) -> Optional[torch.dtype]:
+    """diffusers accepts `dtype=` as an alias of `torch_dtype=`."""
+    dtype = kwargs.pop("dtype", None)
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise TypeError(f"got torch_dtype={torch_dtype} and dtype={dtype}; pass one of them")
+    torch_dtype = torch_dtype if torch_dtype is not None else dtype
+    if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+        raise TypeError(f"torch_dtype must be a torch.dtype such as torch.float16, got {torch_dtype!r}")
+    return torch_dtype
+
+
+def _contiguous_state_dict(module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata) -> None:
+    """state_dict post-hook: channels_last weights are handed out NCHW-contiguous (a copy of those only)."""
+    for key, value in state_dict.items():
+        if (key.startswith(prefix) and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+                and not value.is_contiguous()):
+            state_dict[key] = value.contiguous()
+
+
+def _checkpoint(module: nn.Module, *args):
+    """The default gradient_checkpointing_func (torch's non-reentrant checkpoint, as diffusers)."""
+    import torch.utils.checkpoint
+
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
 
 
 class AutoencoderKL(nn.Module):
@@ -113,6 +163,13 @@ class AutoencoderKL(nn.Module):
     DiagonalGaussianDistribution over raw (unscaled) latents; `decode(z)` returns `.sample`
     in roughly [-1, 1]. Diffusion models see `(z - shift_factor) * scaling_factor`.
     """
+
+    # Class attributes diffusers' ModelMixin declares and its shared tests and pipelines read.
+    config_name = "config.json"
+    _supports_gradient_checkpointing = True
+    _keep_in_fp32_modules = None  # no module must stay fp32: torch_dtype= applies to every weight
+    _no_split_modules = ["BasicTransformerBlock", "ResnetBlock2D"]  # diffusers' value (accelerate hint)
+    _supports_group_offloading = False  # diffusers' group offloading hooks are not implemented
 
     def __init__(
         self,
@@ -165,38 +222,112 @@ class AutoencoderKL(nn.Module):
         # Conv weights in channels_last: oneDNN and cuDNN run NHWC convs 15-55% faster than NCHW
         # (measured here on this CPU); activations follow the weights' format. Values are unchanged.
         self.to(memory_format=torch.channels_last)
+        # ...but state_dict() hands out NCHW-contiguous tensors, as diffusers' does, so that
+        # safetensors.save_file(vae.state_dict()) works (it refuses non-contiguous tensors).
+        self.register_state_dict_post_hook(_contiguous_state_dict)
+
+    def __getattr__(self, name: str) -> Any:
+        """Submodules and parameters as nn.Module; then config keys, with diffusers' FutureWarning
+        (`vae.scaling_factor` works but `vae.config.scaling_factor` is the spelling to use)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        config = self.__dict__.get("config")
+        if config is not None and not name.startswith("__") and name in config:
+            warnings.warn(f"Accessing config attribute `{name}` directly via '{type(self).__name__}' object is "
+                          f"deprecated (as in diffusers); use `{type(self).__name__.lower()}.config.{name}`",
+                          FutureWarning, stacklevel=2)
+            return config[name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     # -- construction helpers ------------------------------------------------------
 
     @classmethod
     def from_config(cls, config: Union[AutoencoderKLConfig, dict], **overrides) -> "AutoencoderKL":
+        """Build an untrained model from a config (ours, diffusers' FrozenDict or a plain dict)."""
         if isinstance(config, AutoencoderKLConfig):
             data = config.to_dict()
         else:
             data = AutoencoderKLConfig.from_dict(dict(config)).to_dict()
+        fields = set(AutoencoderKLConfig().keys())
+        data = {k: v for k, v in data.items() if k in fields}  # registered extras are not arguments
         data.update(overrides)
         return cls(**data)
 
     @classmethod
+    def load_config(cls, path, subfolder: Optional[str] = None, **kwargs) -> Dict[str, Any]:
+        """The config.json of a diffusers folder (or a pipeline's vae/), as a dict, like diffusers'."""
+        from .loading import CONFIG_NAME, find_pretrained_folder
+
+        _reject_unknown("load_config", kwargs, ())
+        p = Path(path)
+        file = p if p.is_file() else find_pretrained_folder(p, subfolder) / CONFIG_NAME
+        return json.loads(file.read_text())
+
+    def save_config(self, folder, **kwargs) -> None:
+        """Write config.json into `folder` (created if needed)."""
+        from .loading import CONFIG_NAME
+
+        _reject_unknown("save_config", kwargs, ())
+        out = Path(folder)
+        if out.is_file():
+            raise ValueError(f"save_config: {out} is a file; give a folder to write {CONFIG_NAME} into")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_NAME).write_text(self.config.to_json() + "\n")
+
+    def register_to_config(self, **kwargs) -> None:
+        """Add or change config keys, as diffusers' ConfigMixin does (extras are saved, not used)."""
+        self.config.register(**kwargs)
+
+    @classmethod
     def from_pretrained(cls, path, subfolder: Optional[str] = None, torch_dtype: Optional[torch.dtype] = None,
-                        variant: Optional[str] = None, **kwargs) -> "AutoencoderKL":
-        """Load a diffusers folder (config.json + weights), or a pipeline folder with a `vae/` subfolder."""
+                        variant: Optional[str] = None, **kwargs):
+        """Load a diffusers folder (config.json + weights, single or sharded safetensors, or .bin), or a
+        pipeline folder with a `vae/` subfolder. Accepts diffusers' `dtype` (alias of `torch_dtype`),
+        `use_safetensors`, `low_cpu_mem_usage` (always on), `output_loading_info`, `family`, and config
+        overrides (`sample_size=64`); any other keyword raises TypeError."""
         from .loading import load_pretrained
 
-        return load_pretrained(cls, path, subfolder=subfolder, torch_dtype=torch_dtype, variant=variant, **kwargs)
+        torch_dtype = _dtype_alias(torch_dtype, kwargs)
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_KEYS}
+        family = kwargs.pop("family", None)
+        use_safetensors = kwargs.pop("use_safetensors", None)
+        output_loading_info = bool(kwargs.pop("output_loading_info", False))
+        kwargs.pop("low_cpu_mem_usage", None)  # weights are always loaded into a meta-built skeleton
+        kwargs.pop("local_files_only", None)  # always: vae_core never downloads
+        _reject_unknown("from_pretrained", kwargs, _PRETRAINED_KWARGS)
+        model = load_pretrained(cls, path, subfolder=subfolder, torch_dtype=torch_dtype, variant=variant,
+                                family=family, config_overrides=overrides, use_safetensors=use_safetensors)
+        if output_loading_info:  # loading is strict: anything missing or unexpected has raised already
+            return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        return model
 
     @classmethod
     def from_single_file(cls, path, config: Optional[Union[dict, str]] = None, family: Optional[str] = None,
                          torch_dtype: Optional[torch.dtype] = None, **kwargs) -> "AutoencoderKL":
-        """Load an LDM/CompVis-layout (or diffusers-layout) single file; the config is inferred from shapes."""
+        """Load an LDM/CompVis-layout (or diffusers-layout) single file; the config is inferred from shapes.
+        Accepts `dtype` (alias of `torch_dtype`) and `low_cpu_mem_usage`; any other keyword raises TypeError."""
         from .loading import load_single_file
 
-        return load_single_file(cls, path, config=config, family=family, torch_dtype=torch_dtype, **kwargs)
+        torch_dtype = _dtype_alias(torch_dtype, kwargs)
+        kwargs.pop("low_cpu_mem_usage", None)
+        _reject_unknown("from_single_file", kwargs, ("config", "family", "torch_dtype", "dtype", "low_cpu_mem_usage"))
+        return load_single_file(cls, path, config=config, family=family, torch_dtype=torch_dtype)
 
-    def save_pretrained(self, folder, safe_serialization: bool = True, variant: Optional[str] = None, **kwargs) -> None:
+    def save_pretrained(self, folder, safe_serialization: bool = True, variant: Optional[str] = None,
+                        max_shard_size: Union[int, str, None] = None, **kwargs) -> None:
+        """Write config.json and the weights in diffusers' layout; `max_shard_size` (bytes, or "10GB",
+        "500MB", "64KiB", ...) splits safetensors weights into shards with an index file, as diffusers does.
+        `is_main_process`/`push_to_hub` are diffusers' options: the first is honoured, the second refused."""
         from .loading import save_pretrained
 
-        save_pretrained(self, folder, safe_serialization=safe_serialization, variant=variant)
+        if not kwargs.pop("is_main_process", True):
+            return
+        _reject_unknown("save_pretrained", kwargs, ("safe_serialization", "variant", "max_shard_size",
+                                                    "is_main_process"))
+        save_pretrained(self, folder, safe_serialization=safe_serialization, variant=variant,
+                        max_shard_size=max_shard_size)
 
     def save_single_file(self, path) -> None:
         """Write the LDM layout (encoder.down.0.block.0..., 1x1-conv attention) to .safetensors."""
@@ -284,8 +415,55 @@ class AutoencoderKL(nn.Module):
         return p
 
     def set_default_attn_processor(self) -> None:
-        """Back to torch's scaled_dot_product_attention, the default."""
-        self.set_attn_processor(AttnProcessor2_0())
+        """The plain math processor, diffusers' choice here (a new model starts on SDPA, as in diffusers)."""
+        self.set_attn_processor(AttnProcessor())
+
+    def fuse_qkv_projections(self) -> None:
+        """Fuse each attention block's query/key/value projections into one linear (diffusers' API; see
+        Attention.fuse_projections). The processors stay as they are: all of ours read the fused form."""
+        for module in self._attention_modules().values():
+            module.fuse_projections(fuse=True)
+
+    def unfuse_qkv_projections(self) -> None:
+        """Back to separate to_q/to_k/to_v (the fused copies are dropped, so state_dict() has diffusers' keys)."""
+        for module in self._attention_modules().values():
+            module.fuse_projections(fuse=False)
+
+    # -- gradient checkpointing ------------------------------------------------------
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Optional[Callable] = None) -> None:
+        """Recompute the encoder/decoder blocks' activations in backward instead of storing them (less
+        memory for training; no effect without autograd). The default is torch.utils.checkpoint, non-reentrant."""
+        self._set_gradient_checkpointing(True, gradient_checkpointing_func or _checkpoint)
+
+    def disable_gradient_checkpointing(self) -> None:
+        self._set_gradient_checkpointing(False, None)
+
+    def _set_gradient_checkpointing(self, enable: bool, func: Optional[Callable]) -> None:
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = enable
+                module._gradient_checkpointing_func = func
+
+    # -- diffusers bridge --------------------------------------------------------------
+
+    def to_diffusers(self):
+        """A diffusers `AutoencoderKL` that shares this model's weights (needs diffusers installed);
+        use it wherever diffusers wants its own class, e.g. StableDiffusionPipeline(vae=...)."""
+        from .bridge import to_diffusers
+
+        return to_diffusers(self)
+
+    @classmethod
+    def from_diffusers(cls, model) -> "AutoencoderKL":
+        """The reverse of to_diffusers: ours, sharing the weights of a diffusers AutoencoderKL."""
+        from .bridge import from_diffusers
+
+        return from_diffusers(cls, model)
 
     # -- encode ----------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
-"""Memory planner: estimate the peak memory of an encode/decode, and tile ("exact") when it would not fit.
+"""Memory planner: split a batch and tile ("exact") when an encode/decode would not fit, and run it.
 
-It decides and runs; the maths of tiling lives in `exact_tiling.py`, dtype policy in `precision.py`.
+It decides and runs; every estimate is `memory.py`'s, the maths of tiling lives in `exact_tiling.py`,
+dtype policy in `precision.py`.
 """
 from __future__ import annotations
 
@@ -8,32 +9,19 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from . import precision
-from .attention import Attention, AttnProcessor, AttnProcessorBase, attention_progress, progress_steps
-from .config import AutoencoderKLConfig
+from . import exact_tiling, memory, precision
+from .attention import (Attention, AttnProcessorBase, attention_progress, bounded_processor, progress_steps,
+                        score_rows)
 from .layers import Downsample2D, ResnetBlock2D, Upsample2D
 
 logger = logging.getLogger(__name__)
 
-# Measured peak / analytic peak of an untiled run (fp32, CPU, oneDNN convs), from
-# benchmarks/bench_tiling.py on the SD-size VAE (decode 1024^2 and 2048^2, encode 1024^2); the analytic model counts
-# only the live activations of the widest layer, the allocator and conv workspaces add the rest.
-UNTILED_CALIBRATION = {"decode": 1.2, "encode": 1.6}
-# Same for exact tiling: measured peak / (largest checkpoint + bands + one tile's working set).
-# Measured est/peak was 1.12-1.43 (an overestimate); kept at 1.0 to stay on the safe side.
-TILED_CALIBRATION = 1.0
-# Fixed overhead in bytes (allocator slack, small buffers).
-OVERHEAD_BYTES = 64 * 2**20
-# Use at most this fraction of the free memory: leave room for the host and fragmentation.
-SAFETY = 0.85
 # Tile sizes (px) the planner tries, largest first.
 TILE_CANDIDATES = (2048, 1536, 1024, 768, 512, 384, 256, 192, 128)
-# Halo (px) a tile carries through a chain of convs between checkpoints (a few latent px).
-HALO_PX = 64
 
 
 @dataclasses.dataclass
@@ -48,6 +36,7 @@ class Plan:
     reason: str  # one human sentence
     runner: Optional[Callable] = dataclasses.field(default=None, repr=False)  # a caller's UserTiling.run
     lean: bool = False  # exact tiling with the leanest checkpoints (after an out-of-memory error)
+    chunk: Optional[int] = None  # images per run: the batch is split into runs of this many (None: whole)
 
 
 @dataclasses.dataclass
@@ -58,161 +47,85 @@ class UserTiling:
     method: str  # for the report and log: "exact" or "blend"
     tile_size: int  # px
     run: Callable[[Any, torch.Tensor, Optional[Callable[[int, int], None]]], torch.Tensor]  # (model, input, callback)
-
-
-# -- free memory -----------------------------------------------------------------------------
-
-
-def free_memory(device: torch.device) -> Optional[int]:
-    """Bytes that a run on `device` may use: CUDA free memory plus what torch's cache holds unused,
-    or MemAvailable from /proc/meminfo on the CPU. None when it cannot be known (other platforms)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(free + max(0, cached))
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-    return None
-
-
-# -- estimates -------------------------------------------------------------------------------
-
-
-def _attention_elems(channels: int, tokens: int, math_scores: bool) -> int:
-    # residual, q, k, v and the output are live together; plain matmul adds scores and fp32 probs
-    elems = 5 * channels * tokens
-    if math_scores:
-        elems += 2 * tokens * tokens
-    return elems
-
-
-def _resnet_elems(cin: int, cout: int, hw: int) -> int:
-    return (2 * cin + cout) * hw  # input (kept for the skip), norm1 output, conv1 output
-
-
-def _peak_elems(kind: str, shape: Sequence[int], cfg: AutoencoderKLConfig, math_attention: bool) -> int:
-    """Largest number of activation elements alive at once in an untiled run, per the layer walk."""
-    b, _c, h, w = shape
-    ch = cfg.block_out_channels
-    f = cfg.downscale_factor
-    peaks = []
-    if kind == "decode":
-        lh, lw = h, w
-        full = (h * f) * (w * f)
-        peaks.append((cfg.latent_channels + ch[-1]) * lh * lw)
-        peaks.append(_resnet_elems(ch[-1], ch[-1], lh * lw))
-        if cfg.mid_block_add_attention:
-            peaks.append(_attention_elems(ch[-1], lh * lw, math_attention))
-        rev = tuple(reversed(ch))
-        hw = lh * lw
-        for i, cout in enumerate(rev):
-            cin = rev[max(i - 1, 0)]
-            peaks.append(_resnet_elems(cin, cout, hw))
-            if i < len(rev) - 1:
-                peaks.append(9 * cout * hw)  # input, nearest-2x copy, conv output (both 4x)
-                hw *= 4
-        peaks.append(2 * rev[-1] * full + cfg.out_channels * full)
-    else:
-        hw = h * w
-        peaks.append((cfg.in_channels + ch[0]) * hw)
-        for i, cout in enumerate(ch):
-            cin = ch[max(i - 1, 0)]
-            peaks.append(_resnet_elems(cin, cout, hw))
-            if i < len(ch) - 1:
-                peaks.append(cout * hw * 9 // 4)  # input, zero-padded copy, output (1/4)
-                hw //= 4
-        if cfg.mid_block_add_attention:
-            peaks.append(_attention_elems(ch[-1], hw, math_attention))
-        peaks.append(3 * ch[-1] * hw)
-    return b * max(peaks)
-
-
-def _io_elems(kind: str, shape: Sequence[int], cfg: AutoencoderKLConfig) -> int:
-    b, c, h, w = shape
-    f = cfg.downscale_factor
-    if kind == "decode":
-        return b * (c * h * w + cfg.out_channels * h * f * w * f)
-    return b * (c * h * w + 2 * cfg.latent_channels * (h // f) * (w // f))
-
-
-def estimate_bytes(kind: str, shape: Sequence[int], dtype: torch.dtype, config: AutoencoderKLConfig,
-                   attn_processor: Any = None) -> int:
-    """Peak bytes above the loaded weights of an untiled `kind` ("encode" or "decode") of an input of
-    `shape` (B, C, H, W) (latent shape for decode) in `dtype`; a plain-matmul `attn_processor` adds
-    its (B, N, N) score matrices."""
-    if kind not in ("encode", "decode"):
-        raise ValueError(f"kind must be 'encode' or 'decode', got {kind!r}")
-    math_attention = type(attn_processor) is AttnProcessor
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    elems = _peak_elems(kind, shape, config, math_attention) + _io_elems(kind, shape, config)
-    return int(elems * itemsize * UNTILED_CALIBRATION[kind]) + OVERHEAD_BYTES
-
-
-def trunk_elems(kind: str, shape: Sequence[int], config: AutoencoderKLConfig) -> int:
-    """Elements of the widest checkpoint of an exact tiled run of an input of `shape`: a resnet output
-    at full resolution (block_out_channels[0] channels). The leanest plan holds about one."""
-    b, _c, h, w = shape
-    f = config.downscale_factor if kind == "decode" else 1
-    return b * config.block_out_channels[0] * h * f * w * f
-
-
-def estimate_tiled_bytes(kind: str, shape: Sequence[int], dtype: torch.dtype, config: AutoencoderKLConfig,
-                         tile_size: int) -> int:
-    """Peak bytes above the weights of an exact tiled run with `tile_size` px tiles: the largest
-    resnet output (a checkpoint), three bands of it in flight, and one tile's working set."""
-    b, c, h, w = shape
-    f = config.downscale_factor
-    px_h, px_w = (h * f, w * f) if kind == "decode" else (h, w)
-    trunk = trunk_elems(kind, shape, config)
-    band = b * config.block_out_channels[0] * min(tile_size, px_h) * px_w
-    t = min(tile_size, max(px_h, px_w)) + 2 * HALO_PX
-    tile_shape = (b, c, t // f, t // f) if kind == "decode" else (b, c, t, t)
-    work = _peak_elems(kind, tile_shape, config, False)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    elems = trunk + 3 * band + work + _io_elems(kind, shape, config)
-    return int(elems * itemsize * TILED_CALIBRATION) + OVERHEAD_BYTES
+    overlap: int = 0  # px, for the estimate of a blend run
 
 
 # -- planning ---------------------------------------------------------------------------------
 
 
-def _attn_processor(model) -> Any:
-    procs = list(model.attn_processors.values())
-    return procs[0] if procs else None
+def _rows(model) -> int:
+    """Query rows of attention scores the model's processors build at once (memory.estimate_bytes' `rows`)."""
+    return max((score_rows(p) for p in model.attn_processors.values()), default=0)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _split(kind: str, shape: Tuple[int, ...], limit: int, dtype: torch.dtype, cfg, **run) -> int:
+    """Images per run so that a run of `shape` stays within `limit` bytes: the whole batch when it
+    fits, else the largest chunk that fits (0: not even one image)."""
+    if memory.chunk_bytes(kind, shape, shape[0], dtype, cfg, **run) <= limit:
+        return shape[0]
+    return memory.largest_chunk(kind, shape, limit, dtype, cfg, **run)
+
+
+def _split_words(b: int, chunk: int) -> str:
+    if chunk >= b:
+        return ""
+    runs = -(-b // chunk)
+    return f", in {runs} runs of up to {chunk} image{'s' if chunk > 1 else ''}"
 
 
 def _plan(kind: str, model, t: torch.Tensor, dtype: torch.dtype, free_bytes: Optional[int]) -> Plan:
+    """Untiled when it fits; else untiled in smaller runs of the batch (as the host's VAEDecode splits
+    a batch); else exact tiling with the largest tile that fits, in as few runs as fit."""
     cfg = model.config
     shape = tuple(t.shape)
-    est = estimate_bytes(kind, shape, dtype, cfg, _attn_processor(model))
+    b = shape[0]
+    rows = _rows(model)
+    est = memory.estimate_bytes(kind, shape, dtype, cfg, rows)
     if free_bytes is None:
-        free_bytes = free_memory(t.device)
+        free_bytes = memory.free_memory(t.device)
     if free_bytes is None:
         return Plan(False, None, None, est, None, "free memory is unknown on this device: running untiled")
-    budget = int(free_bytes * SAFETY)
-    if est <= budget:
-        return Plan(False, None, None, est, free_bytes,
-                    f"untiled needs ~{est / 2**30:.2f} GiB of {free_bytes / 2**30:.2f} GiB free")
+    limit = memory.budget(free_bytes)
+    free = f"{_gib(free_bytes)} free"
+    if est <= limit:
+        return Plan(False, None, None, est, free_bytes, f"untiled needs ~{_gib(est)} of {free}")
+    chunk = _split(kind, shape, limit, dtype, cfg, rows=rows)
+    if chunk:
+        need = memory.chunk_bytes(kind, shape, chunk, dtype, cfg, rows=rows)
+        return Plan(False, None, None, need, free_bytes, chunk=chunk,
+                    reason=f"untiled, {b} images need ~{_gib(est)} but {free}: ~{_gib(need)}"
+                           f"{_split_words(b, chunk)}")
     px = max(shape[-2:]) * (cfg.downscale_factor if kind == "decode" else 1)
     tiles = [s for s in TILE_CANDIDATES if s < px] or [TILE_CANDIDATES[-1]]
     for tile in tiles:
-        tiled_est = estimate_tiled_bytes(kind, shape, dtype, cfg, tile)
-        if tiled_est <= budget:
-            return Plan(True, tile, "exact", tiled_est, free_bytes,
-                        f"untiled needs ~{est / 2**30:.2f} GiB but {free_bytes / 2**30:.2f} GiB is free: "
-                        f"exact tiling with {tile} px tiles needs ~{tiled_est / 2**30:.2f} GiB")
+        chunk = _split(kind, shape, limit, dtype, cfg, method="exact", tile_size=tile, rows=rows)
+        if chunk:
+            need = memory.chunk_bytes(kind, shape, chunk, dtype, cfg, method="exact", tile_size=tile, rows=rows)
+            return Plan(True, tile, "exact", need, free_bytes, chunk=chunk,
+                        reason=f"untiled needs ~{_gib(est)} but {free}: exact tiling with {tile} px tiles "
+                               f"needs ~{_gib(need)}{_split_words(b, chunk)}")
     tile = tiles[-1]
-    tiled_est = estimate_tiled_bytes(kind, shape, dtype, cfg, tile)
-    return Plan(True, tile, "exact", tiled_est, free_bytes,
-                f"even {tile} px exact tiles need ~{tiled_est / 2**30:.2f} GiB and only "
-                f"{free_bytes / 2**30:.2f} GiB is free: trying anyway")
+    need = memory.chunk_bytes(kind, shape, 1, dtype, cfg, method="exact", tile_size=tile, rows=rows)
+    return Plan(True, tile, "exact", need, free_bytes, chunk=1,
+                reason=f"even {tile} px exact tiles need ~{_gib(need)} for one image and only {free}: "
+                       "trying anyway" + _split_words(b, 1))
+
+
+def _fixed(kind: str, model, t: torch.Tensor, dtype: torch.dtype, plan: Plan, method: str, tile_size: int,
+           overlap: int, reason: str, runner: Optional[Callable] = None) -> Plan:
+    """A tiling the caller chose, run as given; only the batch is split, when the whole would not fit."""
+    shape, cfg = tuple(t.shape), model.config
+    run = dict(method=method, tile_size=int(tile_size), overlap=int(overlap), rows=_rows(model))
+    chunk = shape[0]
+    if plan.free_bytes is not None:
+        chunk = max(1, _split(kind, shape, memory.budget(plan.free_bytes), dtype, cfg, **run))
+    need = memory.chunk_bytes(kind, shape, chunk, dtype, cfg, **run)
+    return dataclasses.replace(plan, tiled=True, tile_size=int(tile_size), method=method, runner=runner,
+                               estimated_bytes=need, chunk=chunk, reason=reason + _split_words(shape[0], chunk))
 
 
 def plan_decode(model, z: torch.Tensor, dtype: Optional[torch.dtype] = None, free_bytes: Optional[int] = None) -> Plan:
@@ -235,24 +148,45 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
 
 
-def _execute(kind: str, model, t: torch.Tensor, plan: Plan, callback) -> torch.Tensor:
-    from .exact_tiling import exact_tiled_decode, exact_tiled_encode, store_budget_for
-
+def _execute_one(kind: str, model, t: torch.Tensor, plan: Plan, callback, free_bytes: Optional[int]) -> torch.Tensor:
     if plan.runner is not None:
         return plan.runner(model, t, callback)
     if plan.tiled and plan.method == "blend":  # the user enabled diffusers' tiling on the model
         fn = model._tiled_pixels if kind == "decode" else model._tiled_moments
         return fn(t, "blend", callback)
     if plan.tiled:
-        fn = exact_tiled_decode if kind == "decode" else exact_tiled_encode
+        fn = exact_tiling.exact_tiled_decode if kind == "decode" else exact_tiling.exact_tiled_encode
         options = dict(model.tiling_options)
-        if "store_budget" not in options and (plan.lean or plan.free_bytes is not None):
+        if "store_budget" not in options and (plan.lean or free_bytes is not None):
             # checkpoints may use what the plan leaves of the free memory it was made for
-            options["store_budget"] = 0 if plan.lean else store_budget_for(kind, model, t, plan.tile_size,
-                                                                            plan.free_bytes)
+            options["store_budget"] = 0 if plan.lean else exact_tiling.store_budget_for(kind, model, t, plan.tile_size,
+                                                                                             free_bytes)
         return fn(model, t, tile_size=plan.tile_size, callback=callback, **options)
     with layer_progress(kind, model, t, callback):
         return model._pixels(t) if kind == "decode" else model._moments(t)
+
+
+def _execute(kind: str, model, t: torch.Tensor, plan: Plan, callback) -> torch.Tensor:
+    """Run `plan` on the batch `t`, in runs of `plan.chunk` images; progress covers the whole batch."""
+    b = t.shape[0]
+    chunk = min(plan.chunk or b, b)
+    if chunk >= b:
+        return _execute_one(kind, model, t, plan, callback, plan.free_bytes)
+    runs = -(-b // chunk)
+    free = plan.free_bytes
+    if free is not None:  # the other images' inputs and outputs wait in memory meanwhile
+        free = max(0, free - memory.io_bytes(kind, (b - chunk,) + tuple(t.shape[1:]), model.config, t.dtype))
+    out: Optional[torch.Tensor] = None
+    for i in range(runs):
+        def step(done: int, total: int, i: int = i) -> None:
+            callback(i * total + done, runs * total)
+
+        part = _execute_one(kind, model, t[i * chunk:(i + 1) * chunk], plan, step if callback else None, free)
+        if out is None:
+            out = torch.empty((b,) + tuple(part.shape[1:]), dtype=part.dtype, device=part.device)
+        out[i * chunk:i * chunk + part.shape[0]] = part
+        del part
+    return out
 
 
 @contextlib.contextmanager
@@ -270,7 +204,9 @@ def layer_progress(kind: str, model, t: torch.Tensor, callback: Optional[Callabl
     if kind == "encode":  # the mid block runs at the encoder's lowest resolution
         for _ in (m for m in part.modules() if isinstance(m, Downsample2D)):
             h, w = (h - 2) // 2 + 1, (w - 2) // 2 + 1
-    total = len(layers) + sum(progress_steps(a.processor, h * w) for a in attentions)
+    # the processors the attention guard will run (a sliced one reports per chunk of queries)
+    procs = [bounded_processor(a.processor, (t.shape[0], a.channels, h, w), t.dtype, t.device) for a in attentions]
+    total = len(layers) + sum(progress_steps(p, h * w) for p in procs)
     done = 0
 
     def tick(*_args) -> None:
@@ -280,9 +216,9 @@ def layer_progress(kind: str, model, t: torch.Tensor, callback: Optional[Callabl
 
     callback(0, total)
     with contextlib.ExitStack() as stack:
-        for a in attentions:
+        for a, p in zip(attentions, procs):
             stack.enter_context(attention_progress(a, tick))
-            if not isinstance(a.processor, AttnProcessorBase):
+            if not isinstance(p, AttnProcessorBase):
                 stack.callback(a.register_forward_hook(tick).remove)  # a foreign processor: one step
         for m in layers:
             stack.callback(m.register_forward_hook(tick).remove)
@@ -294,28 +230,30 @@ def _run(kind: str, model, t: torch.Tensor, dtype: Optional[torch.dtype], force_
          user_tiling: Optional[UserTiling]) -> Tuple[torch.Tensor, Dict[str, Any]]:
     start = time.perf_counter()
     run_dtype = precision.resolve_dtype(model, dtype, force_upcast)
-    plan = _plan(kind, model, t, run_dtype, free_bytes)
-    if tile_size is not None:
-        plan = dataclasses.replace(plan, tiled=True, tile_size=int(tile_size), method="exact",
-                                   estimated_bytes=estimate_tiled_bytes(kind, tuple(t.shape), run_dtype,
-                                                                        model.config, int(tile_size)),
-                                   reason=f"exact tiling with {tile_size} px tiles was asked for")
-    big = model._is_large_latent(t) if kind == "decode" else model._is_large_sample(t)
-    if model.use_tiling and big:  # the user chose tiling on this model: honour it
-        plan = dataclasses.replace(plan, tiled=True, tile_size=model.tile_sample_min_size,
-                                   method=model.tiling_method, reason="tiling was enabled on the model")
-    if user_tiling is not None:
-        ut = user_tiling
-        plan = dataclasses.replace(plan, tiled=True, tile_size=int(ut.tile_size), method=ut.method, runner=ut.run,
-                                   estimated_bytes=estimate_tiled_bytes(kind, tuple(t.shape), run_dtype,
-                                                                        model.config, int(ut.tile_size)),
-                                   reason=f"{ut.method} tiling with {ut.tile_size} px tiles was asked for")
+
+    def choose(d: torch.dtype) -> Plan:
+        plan = _plan(kind, model, t, d, free_bytes)
+        if tile_size is not None:
+            plan = _fixed(kind, model, t, d, plan, "exact", tile_size, 0,
+                          f"exact tiling with {tile_size} px tiles was asked for")
+        big = model._is_large_latent(t) if kind == "decode" else model._is_large_sample(t)
+        if model.use_tiling and big:  # the user chose tiling on this model: honour it
+            size = model.tile_sample_min_size
+            plan = _fixed(kind, model, t, d, plan, model.tiling_method, size, int(size * model.tile_overlap_factor),
+                          "tiling was enabled on the model")
+        if user_tiling is not None:
+            ut = user_tiling
+            plan = _fixed(kind, model, t, d, plan, ut.method, ut.tile_size, ut.overlap,
+                          f"{ut.method} tiling with {ut.tile_size} px tiles was asked for", runner=ut.run)
+        return plan
+
+    plan = choose(run_dtype)
     logger.info("%s %s in %s: %s", kind, tuple(t.shape), str(run_dtype).replace("torch.", ""), plan.reason)
 
     def attempt(p: Plan, d: torch.dtype) -> torch.Tensor:
         nonlocal plan
         if d != run_dtype and not p.tiled:  # the fp32 retry of a half run needs twice the memory
-            p = plan = _plan(kind, model, t, d, free_bytes)
+            p = plan = choose(d)
         with precision.cast_model(model, d):
             inp = t.to(d)
             try:
@@ -328,13 +266,17 @@ def _run(kind: str, model, t: torch.Tensor, dtype: Optional[torch.dtype], force_
                 torch.cuda.empty_cache()
             smaller = [s for s in TILE_CANDIDATES if p.tile_size is None or s < p.tile_size]
             retry_tile = smaller[0] if p.tiled else 512
-            logger.warning("%s ran out of memory (%s); retrying with exact tiling, %d px tiles",
+            logger.warning("%s ran out of memory (%s); retrying with exact tiling, %d px tiles, one image at a time",
                            kind, "tiled" if p.tiled else "untiled", retry_tile)
             plan = dataclasses.replace(p, tiled=True, tile_size=retry_tile, method="exact", runner=None, lean=True,
-                                       reason="retried tiled after running out of memory")
+                                       chunk=1, reason="retried tiled after running out of memory")
             return attempt(plan, d)
 
-    out, fp32_retry = precision.run_checked(lambda d: attempt(plan, d), run_dtype, what=kind)
+    # attention budgets inside the run come from the same free-memory figure as the plan
+    with memory.attention_free_bytes(free_bytes):
+        out, fp32_retry = precision.run_checked(lambda d: attempt(plan, d), run_dtype, what=kind)
+    b = t.shape[0]
+    chunk = min(plan.chunk or b, b)
     report = {
         "tiled": plan.tiled,
         "tile_size": plan.tile_size if plan.tiled else None,
@@ -344,9 +286,11 @@ def _run(kind: str, model, t: torch.Tensor, dtype: Optional[torch.dtype], force_
         "seconds": time.perf_counter() - start,
         "dtype": str(torch.float32 if fp32_retry else run_dtype).replace("torch.", ""),
         "reason": plan.reason,
+        "batch_chunk": chunk,
+        "batch_runs": -(-b // chunk),
     }
-    logger.info("%s done in %.1f s (tiled=%s, tile=%s, fp32_retry=%s)", kind, report["seconds"], report["tiled"],
-                report["tile_size"], fp32_retry)
+    logger.info("%s done in %.1f s (tiled=%s, tile=%s, runs=%d of up to %d images, fp32_retry=%s)", kind,
+                report["seconds"], report["tiled"], report["tile_size"], report["batch_runs"], chunk, fp32_retry)
     return out, report
 
 
@@ -357,8 +301,9 @@ def run_decode(model, z: torch.Tensor, dtype: Optional[torch.dtype] = None, forc
                ) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """Decode raw latents z (B, latent, h, w) -> pixels (B, out, h*f, w*f) (roughly [-1, 1], fp32 or `dtype`),
     tiling "exact" when the untiled run would not fit, retrying tiled on out-of-memory and in fp32 on
-    NaN/inf. Returns (pixels, report): report has tiled, tile_size, method, fp32_retry,
-    estimated_bytes, seconds, dtype and reason. `free_bytes` overrides the measured free memory;
+    NaN/inf, and splitting the batch into runs that fit. Returns (pixels, report): report has tiled,
+    tile_size, method, fp32_retry, estimated_bytes, seconds, dtype, reason, batch_chunk (images per
+    run) and batch_runs. `free_bytes` overrides the measured free memory;
     `tile_size` forces exact tiling; `user_tiling` runs the caller's own tiled function instead."""
     return _run("decode", model, z, dtype, force_upcast, callback, free_bytes, tile_size, user_tiling)
 

@@ -130,6 +130,37 @@ function render(node, state) {
 
 // -- per-node wiring -------------------------------------------------------------------------
 
+/** Whether a graph is the root graph or the subgraph of a node reachable from it. */
+function reachable(graph, from = app.rootGraph ?? app.graph, depth = 0) {
+  if (!graph || !from) return false;
+  if (graph === from) return true;
+  if (depth > 16) return false; // subgraphs nest; this bounds a malformed cycle
+  return (from._nodes ?? []).some((n) => n.subgraph && reachable(graph, n.subgraph, depth + 1));
+}
+
+/** Whether a node is still part of the loaded workflow (nodes inside a subgraph are not always
+ * told when a new workflow replaces theirs). */
+export function isAttached(node) {
+  return node.graph?.getNodeById?.(node.id) === node && reachable(node.graph);
+}
+
+/**
+ * The node an execution id names, or null. The server names a node inside a subgraph by the path
+ * of subgraph-node ids down to it ("12:5": node 5 of the subgraph that node 12 of the root graph
+ * holds); the frontend resolves "executed" events the same way before calling onExecuted. One
+ * subgraph node object can stand for several instances, so identity, not the last id, decides.
+ */
+export function nodeForExecutionId(executionId) {
+  if (executionId === undefined || executionId === null) return null;
+  const path = String(executionId).split(":");
+  let graph = app.rootGraph ?? app.graph;
+  for (const id of path.slice(0, -1)) {
+    graph = graph?.getNodeById?.(id)?.subgraph;
+    if (!graph) return null;
+  }
+  return graph?.getNodeById?.(path[path.length - 1]) ?? null;
+}
+
 function kindOf(comfyClass) {
   if (CARD_NODES.has(comfyClass)) return "card";
   if (TILED_NODES.has(comfyClass)) return "grid";
@@ -175,7 +206,10 @@ function attach(node, comfyClass) {
 
   // Progress of this node's run while it executes: steps are tiles (blend), tiles of every pass
   // and attention chunks (exact), or blocks (untiled), as the core reports them.
-  const matches = (detail) => detail && String(detail.node ?? detail.display_node) === String(node.id);
+  const matches = (detail) => {
+    if (!isAttached(node)) { detach(node); return false; } // its workflow was replaced
+    return !!detail && nodeForExecutionId(detail.display_node || detail.node) === node;
+  };
   api.addEventListener("progress", ({ detail }) => {
     if (!matches(detail)) return;
     state.status = `Running: ${detail.value} / ${detail.max} steps`;
@@ -185,7 +219,8 @@ function attach(node, comfyClass) {
   // saw for the same widget values (the loader's output depends on them alone).
   if (comfyClass === "AutoencoderKLLoader") {
     api.addEventListener("execution_cached", ({ detail }) => {
-      if (state.card || !detail?.nodes?.map(String).includes(String(node.id))) return;
+      if (!isAttached(node)) { detach(node); return; }
+      if (state.card || !detail?.nodes?.some((id) => nodeForExecutionId(id) === node)) return;
       state.card = rememberedCard(node);
       if (state.card) render(node, state);
     }, { signal });

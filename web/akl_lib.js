@@ -1,9 +1,9 @@
 // Pure logic of the ComfyUI-AutoencoderKL web extension: tile grid maths mirrored from
-// nodes/grid.py, and the text the panels show. No DOM and no ComfyUI imports, so `node --test`
+// nodes/grid.py and vae_core/memory.py (tile_working_bytes), and the text the panels show. No DOM and no ComfyUI imports, so `node --test`
 // runs it as is (tests/web/unit/). The frontend imports every .js file in web/ as an extension;
 // this one only exports, so importing it registers nothing.
 
-// -- grid maths (keep in step with nodes/grid.py; tests/web compares the two) -------------------
+// -- grid maths (keep in step with nodes/grid.py and vae_core/memory.py; tests/web compares them) --
 
 // Limits of the tile_size / overlap widgets (pixels), as in nodes/grid.py.
 export const TILE_MIN = 64;
@@ -11,9 +11,8 @@ export const TILE_MAX = 4096;
 export const OVERLAP_MAX = 2048;
 // Every KL-VAE family downsamples by 8, so tiles align to 8 pixels.
 export const ALIGN = 8;
-// Activation elements per pixel and per channel of the first block (nodes/grid.py calibration).
-export const DECODE_ELEMENTS_PER_PIXEL_CHANNEL = 17.0;
-export const ENCODE_ELEMENTS_PER_PIXEL_CHANNEL = 14.0;
+// Measured peak / analytic peak of an untiled run (vae_core/memory.py UNTILED_CALIBRATION).
+export const UNTILED_CALIBRATION = { decode: 1.2, encode: 1.6 };
 
 const isWhole = (v) => typeof v === "number" && Number.isInteger(v);
 
@@ -55,15 +54,70 @@ function starts(size, stride) {
   return size > 0 ? Math.ceil(size / stride) : 0;
 }
 
-function elementsPer(direction) {
-  return direction === "decode" ? DECODE_ELEMENTS_PER_PIXEL_CHANNEL : ENCODE_ELEMENTS_PER_PIXEL_CHANNEL;
+/** The memory model's fields for an SD-shaped VAE without a config (nodes/grid.py model_summary). */
+export function modelSummary(latentChannels = 4, width = 128, factor = ALIGN) {
+  const levels = Math.floor(Math.log2(factor)) + 1;
+  const widths = Array.from({ length: levels }, (_, i) => width * Math.min(2 ** i, 4));
+  return { block_out_channels: widths, latent_channels: latentChannels, in_channels: 3, out_channels: 3,
+           mid_block_add_attention: true };
+}
+
+// Largest number of activation bytes alive at once in an untiled run of shape [b, c, h, w], fused
+// attention (vae_core/memory.py _peak_bytes with rows = 0). Integers below 2^53, so exact.
+function peakBytes(kind, [b, , h, w], model, size) {
+  const ch = model.block_out_channels;
+  const f = 2 ** (ch.length - 1);
+  const resnet = (cin, cout, hw) => (2 * cin + cout) * hw;
+  const peaks = [];
+  const attention = (tokens) => 5 * ch[ch.length - 1] * tokens * size;
+  if (kind === "decode") {
+    const full = (h * f) * (w * f);
+    let hw = h * w;
+    peaks.push((model.latent_channels + ch[ch.length - 1]) * hw * size);
+    peaks.push(resnet(ch[ch.length - 1], ch[ch.length - 1], hw) * size);
+    if (model.mid_block_add_attention) peaks.push(attention(hw));
+    const rev = [...ch].reverse();
+    rev.forEach((cout, i) => {
+      const cin = rev[Math.max(i - 1, 0)];
+      peaks.push(resnet(cin, cout, hw) * size);
+      if (i < rev.length - 1) {
+        peaks.push(9 * cout * hw * size);
+        hw *= 4;
+      }
+    });
+    peaks.push((2 * rev[rev.length - 1] * full + model.out_channels * full) * size);
+  } else {
+    let hw = h * w;
+    peaks.push((model.in_channels + ch[0]) * hw * size);
+    ch.forEach((cout, i) => {
+      const cin = ch[Math.max(i - 1, 0)];
+      peaks.push(resnet(cin, cout, hw) * size);
+      if (i < ch.length - 1) {
+        peaks.push(Math.floor(cout * hw * 9 / 4) * size);
+        hw = Math.floor(hw / 4);
+      }
+    });
+    if (model.mid_block_add_attention) peaks.push(attention(hw));
+    peaks.push(3 * ch[ch.length - 1] * hw * size);
+  }
+  return b * Math.max(...peaks);
+}
+
+/** Activation peak of one tileH x tileW px tile of `batch` images: vae_core/memory.py tile_working_bytes. */
+export function tileWorkingBytes(direction, tileH, tileW, model, dtypeBytes = 4, batch = 1) {
+  const f = 2 ** (model.block_out_channels.length - 1);
+  const shape = direction === "decode"
+    ? [batch, model.latent_channels, Math.floor(tileH / f), Math.floor(tileW / f)]
+    : [batch, model.in_channels, tileH, tileW];
+  // Same float product as Python, then int() truncation.
+  return Math.trunc(peakBytes(direction, shape, model, dtypeBytes) * UNTILED_CALIBRATION[direction]);
 }
 
 /** The grid a tiled encode/decode of an imageH x imageW (pixels) image runs; same keys and
  *  numbers as nodes/grid.py tile_grid. Throws on invalid tile parameters. */
 export function tileGrid(imageH, imageW, tileSize, overlap, {
   method = "blend", latentChannels = 4, width = 128, dtypeBytes = 4, batch = 1,
-  direction = "decode", factor = ALIGN,
+  direction = "decode", factor = ALIGN, model = null,
 } = {}) {
   const err = checkTileParams(tileSize, overlap, factor);
   if (err) throw new RangeError(err);
@@ -81,29 +135,21 @@ export function tileGrid(imageH, imageW, tileSize, overlap, {
   }
   const tileH = Math.min(tileSize, imageH);
   const tileW = Math.min(tileSize, imageW);
-  // Same left-to-right float products as Python, then int() truncation.
-  const estimated = Math.trunc(elementsPer(direction) * width * tileH * tileW * dtypeBytes * batch);
+  const m = model ?? modelSummary(latentChannels, width, factor);
+  const estimated = tileWorkingBytes(direction, tileH, tileW, m, dtypeBytes, batch);
   return {
     rows, cols, tiles: rows * cols, tile_size: tileSize, overlap, image_h: imageH, image_w: imageW,
-    method, direction, latent_channels: latentChannels, estimated_bytes: estimated,
+    method, direction, latent_channels: m.latent_channels, estimated_bytes: estimated,
+    model: m, dtype_bytes: dtypeBytes, batch,
   };
 }
 
-/** Activation peak (bytes) of an untiled run, as nodes/grid.py estimate_bytes. */
-export function estimateBytes(direction, batch, imageH, imageW, width = 128, dtypeBytes = 4) {
-  return Math.trunc(elementsPer(direction) * width * imageH * imageW * dtypeBytes * batch);
-}
-
-/** The grid for new widget values, sized for the image of a previous grid (a node's akl_grid).
- *  akl_grid carries the estimate but not the model width, dtype size and batch; their product is
- *  a whole number recovered from the estimate, so the new estimate uses the same model. */
+/** The grid for new widget values, sized for the image, model, dtype and batch of a previous grid
+ *  (a node's akl_grid, which carries them). */
 export function regrid(lastGrid, tileSize, overlap, method) {
-  const tileH = Math.min(lastGrid.tile_size, lastGrid.image_h);
-  const tileW = Math.min(lastGrid.tile_size, lastGrid.image_w);
-  const perTilePixel = Math.round(lastGrid.estimated_bytes / (elementsPer(lastGrid.direction) * tileH * tileW));
   return tileGrid(lastGrid.image_h, lastGrid.image_w, tileSize, overlap, {
-    method: method ?? lastGrid.method, latentChannels: lastGrid.latent_channels,
-    width: perTilePixel, dtypeBytes: 1, batch: 1, direction: lastGrid.direction,
+    method: method ?? lastGrid.method, model: lastGrid.model, dtypeBytes: lastGrid.dtype_bytes,
+    batch: lastGrid.batch, direction: lastGrid.direction,
   });
 }
 
@@ -204,6 +250,10 @@ export function runRows(report, { manualTiles = false } = {}) {
   ];
   if (!manualTiles) rows.push(["Auto tiling", tilingText(report)]);
   rows.push(["fp32 retry", report.fp32_retry ? `yes (${report.dtype} gave non-finite values)` : "no"]);
+  if (report.batch_runs > 1) {
+    rows.push(["Batch split", `${report.batch_runs} runs of up to ${report.batch_chunk} images (memory)`]);
+  }
   if (!manualTiles && report.reason && !report.tiled) rows.push(["Planner", String(report.reason)]);
+  for (const w of report.warnings ?? []) rows.push(["Warning", String(w)]);
   return rows;
 }

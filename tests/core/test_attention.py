@@ -39,8 +39,59 @@ def test_processor_mapping_and_dict_form():
     assert procs["decoder.mid_block.attentions.0.processor"].slice_size == 3
     with pytest.raises(ValueError, match="attention modules are"):
         ours.set_attn_processor({"decoder.mid_block.attentions.0.processor": "math"})
+    # diffusers' set_default_attn_processor picks its plain AttnProcessor for a VAE: so does ours
+    ref.set_default_attn_processor()
     ours.set_default_attn_processor()
-    assert all(isinstance(p, AttnProcessor2_0) for p in ours.attn_processors.values())
+    assert {type(p).__name__ for p in ref.attn_processors.values()} == {"AttnProcessor"}
+    assert all(type(p) is AttnProcessor for p in ours.attn_processors.values())
+
+
+def _diffusers_processors():
+    from diffusers.models import attention_processor as dap
+
+    procs = [dap.AttnProcessor(), dap.AttnProcessor2_0(), dap.SlicedAttnProcessor(slice_size=1)]
+    try:
+        procs.append(dap.XFormersAttnProcessor())
+        import xformers.ops  # noqa: F401
+    except ImportError:
+        procs.pop()  # xformers is not installed here: that processor cannot run in either model
+    return procs
+
+
+@pytest.mark.parametrize("name", ["sd_layout", "flux_layout"])
+def test_diffusers_processor_objects_run_and_match_diffusers(name):
+    """diffusers' own processors, set on our model, read our Attention as theirs and give diffusers' output."""
+    pytest.importorskip("diffusers")
+    ref, ours = make_pair(name)
+    x = torch.rand(2, 3, 24, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    for proc in _diffusers_processors():
+        ref.set_attn_processor(proc)
+        ours.set_attn_processor(proc)
+        assert all(p is proc for p in ours.attn_processors.values())
+        with torch.no_grad():
+            assert_close_fp32(ours(x).sample, ref(x).sample)
+            assert_close_fp32(ours.encode(x).latent_dist.mean, ref.encode(x).latent_dist.mean)
+
+
+def test_attention_helpers_match_diffusers_attention():
+    """The helpers diffusers' processors call (heads <-> batch, masks, scores) agree with diffusers' Attention."""
+    pytest.importorskip("diffusers")
+    ref, ours = make_pair("sd_layout")
+    a = ref.decoder.mid_block.attentions[0]
+    b = ours.decoder.mid_block.attentions[0]
+    for attr in ("heads", "scale", "rescale_output_factor", "residual_connection", "upcast_softmax",
+                 "upcast_attention", "spatial_norm", "norm_cross", "norm_q", "norm_k", "is_cross_attention"):
+        assert getattr(b, attr) == getattr(a, attr), attr
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(2, 6, 32, generator=g), torch.randn(2, 5, 32, generator=g)
+    torch.testing.assert_close(b.head_to_batch_dim(q), a.head_to_batch_dim(q))
+    torch.testing.assert_close(b.batch_to_head_dim(q), a.batch_to_head_dim(q))
+    torch.testing.assert_close(b.get_attention_scores(q, k), a.get_attention_scores(q, k))
+    mask = torch.randn(2, 1, 5, generator=g)
+    torch.testing.assert_close(b.prepare_attention_mask(mask, 5, 2), a.prepare_attention_mask(mask, 5, 2))
+    full = b.prepare_attention_mask(mask.expand(2, 6, 5), 5, 2)
+    torch.testing.assert_close(b.get_attention_scores(q, k, full), a.get_attention_scores(q, k, full))
+    assert b.prepare_attention_mask(None, 5, 2) is None
 
 
 def test_named_processors_and_errors():
@@ -105,3 +156,23 @@ def test_sliced_processor_bounds_the_score_matrix():
     finally:
         attention._math_attention = original
     assert seen and max(seen) == 8 * 64
+
+
+def test_fuse_qkv_projections_matches_diffusers():
+    """fuse_qkv_projections: one (C -> 3C) linear, the same output as diffusers' fused model; unfuse restores
+    diffusers' state-dict keys."""
+    pytest.importorskip("diffusers")
+    ref, ours = make_pair("sd_layout")
+    z = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        plain = ours.decode(z).sample
+        ref.fuse_qkv_projections()
+        ours.fuse_qkv_projections()
+        assert ours.decoder.mid_block.attentions[0].to_qkv.weight.shape == (96, 32)
+        for proc in ("sdpa", "math", "sliced"):
+            ours.set_attn_processor(proc)
+            assert_close_fp32(ours.decode(z).sample, ref.decode(z).sample)
+        assert_close_fp32(ours.decode(z).sample, plain)
+        ours.unfuse_qkv_projections()
+    assert not any("to_qkv" in k for k in ours.state_dict())
+    assert list(ours.state_dict()) == [k for k in ref.state_dict() if "to_qkv" not in k]

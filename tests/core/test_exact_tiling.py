@@ -174,9 +174,12 @@ def test_pooled_group_stats_equal_whole_tensor_stats():
 def test_math_attention_is_sliced_when_large(monkeypatch):
     model = tiny_vae()
     model.set_attn_processor("math")
-    monkeypatch.setattr(exact_tiling, "MATH_ATTENTION_MAX_SCORE_BYTES", 16)
+    from vae_core import attention, memory
+
+    monkeypatch.setattr(memory, "ATTENTION_SCORE_CAP", 2 * 117 * 8 * 10)  # ten query rows of 117 keys, batch 2
     attn = model.decoder.mid_block.attentions[0]
-    assert type(exact_tiling.safe_attention_processor(attn, 117, 2)).__name__ == "SlicedAttnProcessor"
+    chosen = attention.bounded_processor(attn.processor, (2, 32, 9, 13), torch.float32, "cpu")
+    assert type(chosen).__name__ == "SlicedAttnProcessor" and chosen.slice_size == 10
     z = torch.randn(2, 4, 9, 13)
     with torch.no_grad():
         ref = model._pixels(z)

@@ -201,8 +201,10 @@ def test_pretrained_variants_pipeline_folder_and_bin(tmp_path):
     m.save_pretrained(pipe / "vae", variant="fp16")
     os.replace(pipe / "vae" / "diffusion_pytorch_model.fp16.safetensors",
                pipe / "vae" / "diffusion_pytorch_model.fp16.safetensors")
-    _same_weights(AutoencoderKL.from_pretrained(pipe), m)  # finds vae/ and the .fp16 file
-    _same_weights(AutoencoderKL.from_pretrained(pipe, subfolder="vae"), m)
+    with pytest.raises(OSError, match="variant='fp16'"):  # as diffusers: the .fp16 file needs variant=
+        AutoencoderKL.from_pretrained(pipe)
+    _same_weights(AutoencoderKL.from_pretrained(pipe, variant="fp16"), m)  # finds vae/ and the .fp16 file
+    _same_weights(AutoencoderKL.from_pretrained(pipe, subfolder="vae", variant="fp16"), m)
     m.save_pretrained(tmp_path / "bin", safe_serialization=False)
     assert (tmp_path / "bin" / "diffusion_pytorch_model.bin").is_file()
     _same_weights(AutoencoderKL.from_pretrained(tmp_path / "bin"), m)

@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-from vae_core import AutoencoderKL, AutoencoderKLConfig, planner
+from vae_core import AutoencoderKL, AutoencoderKLConfig, memory, planner
 
 
 def tiny_vae() -> AutoencoderKL:
@@ -28,23 +28,37 @@ def small_tiles(monkeypatch):
 
 
 def test_estimates_scale_with_area_dtype_and_attention():
-    d1 = planner.estimate_bytes("decode", (1, 4, 128, 128), torch.float32, SD)
-    d2 = planner.estimate_bytes("decode", (1, 4, 256, 256), torch.float32, SD)
-    half = planner.estimate_bytes("decode", (1, 4, 256, 256), torch.bfloat16, SD)
-    assert 3.5 < (d2 - planner.OVERHEAD_BYTES) / (d1 - planner.OVERHEAD_BYTES) < 4.5
-    assert 1.9 < (d2 - planner.OVERHEAD_BYTES) / (half - planner.OVERHEAD_BYTES) < 2.1
-    from vae_core import AttnProcessor
-
-    math = planner.estimate_bytes("decode", (1, 4, 256, 256), torch.float32, SD, AttnProcessor())
-    assert math >= 2 * (256 * 256) ** 2 * 4  # the (N, N) scores and fp32 probabilities
+    d1 = memory.estimate_bytes("decode", (1, 4, 128, 128), torch.float32, SD)
+    d2 = memory.estimate_bytes("decode", (1, 4, 256, 256), torch.float32, SD)
+    half = memory.estimate_bytes("decode", (1, 4, 256, 256), torch.bfloat16, SD)
+    assert 3.5 < (d2 - memory.OVERHEAD_BYTES) / (d1 - memory.OVERHEAD_BYTES) < 4.5
+    assert 1.9 < (d2 - memory.OVERHEAD_BYTES) / (half - memory.OVERHEAD_BYTES) < 2.1
     # SD-size, 2048^2, fp32: the untiled decode needs several GiB; exact 512 px tiles far less
-    tiled = planner.estimate_tiled_bytes("decode", (1, 4, 256, 256), torch.float32, SD, 512)
+    tiled = memory.estimate_tiled_bytes("decode", (1, 4, 256, 256), torch.float32, SD, 512)
     assert tiled < d2 / 2
-    assert planner.estimate_bytes("encode", (1, 3, 2048, 2048), torch.float32, SD) > 4 * 2**30
+    assert memory.estimate_bytes("encode", (1, 3, 2048, 2048), torch.float32, SD) > 4 * 2**30
+
+
+def test_estimates_count_attention_scores_as_the_guard_bounds_them():
+    from vae_core.attention import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor, score_rows
+
+    cfg = tiny_vae().config  # widths 8..32: the mid-block attention is the largest layer at these sizes
+    shape = (1, 4, 64, 64)  # 4096 positions: the whole (N, N) matrix is 128 MiB, under the cap
+    fused = memory.estimate_bytes("decode", shape, torch.float32, cfg, score_rows(AttnProcessor2_0()))
+    math = memory.estimate_bytes("decode", shape, torch.float32, cfg, score_rows(AttnProcessor()))
+    sliced = memory.estimate_bytes("decode", shape, torch.float32, cfg, score_rows(SlicedAttnProcessor(64)))
+    scores = 4096 * 4096 * 8  # fp32 scores and fp32 softmax
+    assert math >= scores * memory.UNTILED_CALIBRATION["decode"]  # the scores become the largest layer
+    assert fused <= sliced < math
+    # 65536 positions: the whole matrix would be 32 GiB; the guard slices it, and the estimate says so
+    big = (1, 4, 256, 256)
+    whole = memory.estimate_bytes("decode", big, torch.float32, cfg, score_rows(AttnProcessor()))
+    assert whole <= (memory.ATTENTION_SCORE_CAP + 2**30) * memory.UNTILED_CALIBRATION["decode"]
+    assert memory.estimate_tiled_bytes("decode", big, torch.float32, cfg, 128, memory.ALL_ROWS) < 2 * 2**30
 
 
 def test_free_memory_cpu_is_known():
-    free = planner.free_memory(torch.device("cpu"))
+    free = memory.free_memory(torch.device("cpu"))
     assert free is None or free > 0
 
 
@@ -53,7 +67,7 @@ def test_plan_untiled_when_it_fits_tiled_when_not(small_tiles):
     z = torch.randn(1, 4, 9, 13)
     plan = planner.plan_decode(model, z, free_bytes=2**40)
     assert not plan.tiled and plan.tile_size is None
-    need = planner.estimate_bytes("decode", z.shape, torch.float32, model.config)
+    need = memory.estimate_bytes("decode", z.shape, torch.float32, model.config)
     plan = planner.plan_decode(model, z, free_bytes=int(need * 0.5))
     assert plan.tiled and plan.method == "exact" and plan.tile_size in planner.TILE_CANDIDATES
     assert "exact tiling" in plan.reason or "trying anyway" in plan.reason
@@ -141,8 +155,8 @@ def test_planned_exact_runs_give_checkpoints_what_free_memory_leaves(small_tiles
         return real(m, t, **kw)
 
     monkeypatch.setattr(exact_tiling, "exact_tiled_decode", spy)
-    need = planner.estimate_bytes("decode", tuple(z.shape), torch.float32, model.config)
-    free = int(need / planner.SAFETY) - 1  # untiled just does not fit; the tile chosen leaves some over
+    need = memory.estimate_bytes("decode", tuple(z.shape), torch.float32, model.config)
+    free = int(need / memory.SAFETY) - 1  # untiled just does not fit; the tile chosen leaves some over
     _out, report = planner.run_decode(model, z, free_bytes=free)
     assert report["tiled"] and len(seen) == 1
     assert seen[0] == exact_tiling.store_budget_for("decode", model, z, report["tile_size"], free)

@@ -267,7 +267,7 @@ def test_train_script_smoke(tmp_path):
     vae = AutoencoderKL.from_single_file(weights)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 1
-    assert vae.config.block_out_channels == tuple(metrics["config"]["block_out_channels"])
+    assert list(vae.config.block_out_channels) == list(metrics["config"]["block_out_channels"])
     assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"], rel=1e-6)
     for name in ("MODEL_CARD.md", "train_log.csv", "loss_curve.png", "samples/chelsea.png"):
         assert (tmp_path / name).is_file(), name

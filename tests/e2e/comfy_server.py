@@ -1,4 +1,5 @@
-"""Run a real ComfyUI host (``.host/ComfyUI``, see ``scripts/setup.sh``) as a
+"""Run a real ComfyUI host (``.host/ComfyUI``, see ``scripts/setup.sh``, or the one named by
+``AKL_HOST_DIR``, e.g. ``.host/ComfyUI-0.8.0`` from ``scripts/setup_host2.sh``) as a
 subprocess and talk to it over HTTP / WebSocket.
 
 Deliberately free of pytest so that scripts (demo, benchmarks) can reuse it::
@@ -37,7 +38,38 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-COMFY_DIR = REPO_ROOT / ".host" / "ComfyUI"
+DEFAULT_COMFY_DIR = REPO_ROOT / ".host" / "ComfyUI"
+
+
+def selected_host_dir() -> Path:
+    """The host the tests run against: ``AKL_HOST_DIR`` (absolute, or relative to the repository
+    root) when set, else ``.host/ComfyUI`` (0.3.75)."""
+    named = os.environ.get("AKL_HOST_DIR")
+    if not named:
+        return DEFAULT_COMFY_DIR
+    path = Path(named)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def host_site_dir(comfy_dir: Path) -> Optional[Path]:
+    """The packages a host needs beyond the shared venv, kept out of it: ``.host/py-<version>``
+    beside ``.host/ComfyUI-<version>`` (see scripts/setup_host2.sh), None when there is none."""
+    name = Path(comfy_dir).name
+    if "-" not in name:
+        return None
+    site = Path(comfy_dir).parent / ("py-" + name.split("-", 1)[1])
+    return site if site.is_dir() else None
+
+
+def missing_host_reason(comfy_dir: Path) -> str:
+    """Why the tests cannot use the selected host: the line a skip prints."""
+    if Path(comfy_dir) == DEFAULT_COMFY_DIR:
+        return f"ComfyUI host not installed at {comfy_dir} (run scripts/setup.sh)"
+    return (f"ComfyUI host {comfy_dir} (AKL_HOST_DIR) not installed: scripts/setup_host2.sh found neither "
+            "shared/hosts/ComfyUI-0.8.0.tar.gz nor a network for git, so the second-host tests are skipped")
+
+
+COMFY_DIR = selected_host_dir()
 ARTIFACTS_DIR = REPO_ROOT / "tests" / "artifacts"
 
 # Model folder kinds created under the temp models dir and registered with
@@ -262,7 +294,7 @@ class ComfyServer:
             return self
         main_py = self.comfy_dir / "main.py"
         if not main_py.is_file():
-            raise ComfyServerError(f"{main_py} missing; run scripts/setup.sh")
+            raise ComfyServerError(f"{main_py} missing: {missing_host_reason(self.comfy_dir)}")
 
         self.port = self._requested_port or find_free_port(self.host)
         self.tmp_dir = Path(tempfile.mkdtemp(prefix="comfy-e2e-"))
@@ -298,6 +330,9 @@ class ComfyServer:
         ]
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        site = host_site_dir(self.comfy_dir)
+        if site is not None:  # this host's own packages, ahead of the shared venv's
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
         self._log_file.write(("$ " + " ".join(cmd) + "\n").encode())
         self._log_file.flush()
         self._proc = subprocess.Popen(

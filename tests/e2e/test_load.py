@@ -216,7 +216,7 @@ def test_cancel_stops_a_tiled_decode_within_one_tile_and_the_next_prompt_runs(se
         "1": {"class_type": "AutoencoderKLLoader", "inputs": {"vae_name": TINY}},
         "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 2048, "height": 2048, "batch_size": 1}},
         "3": {"class_type": "AutoencoderKLDecodeTiled", "inputs": {"samples": ["2", 0], "vae": ["1", 0],
-                                                                  "tile_size": 256, "overlap": 32}},
+                                                                  "tile_size": 256, "overlap": 32, "method": "blend"}},
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
     }
     with server.collect_ws_events() as ws:

@@ -146,3 +146,151 @@ BROKEN: Dict[str, Tuple[Callable[[Path], None], str, Tuple[str, ...]]] = {
     "wrong_shape": (wrong_shape, ".safetensors", ("wrong shapes", "expected")),
     "nan_weights": (nan_weights, ".safetensors", ("NaN or inf", "decoder.conv_out.weight")),
 }
+
+
+# -- resource attacks (issue 13): small files that ask for GBs, minutes or a crash ----------------
+# Each is a few KB to a few MB on disk; what it would cost an unbounded loader is in its docstring.
+
+STRIDE0_SHAPE = (2**15, 2**15)  # 2**30 float32 values = 4 GiB if materialised
+
+
+def _torch_save(sd: dict, path: Path, legacy: bool = False) -> None:
+    torch.save(sd, str(path), _use_new_zipfile_serialization=not legacy)
+
+
+def stride0_ckpt(path: Path, legacy: bool = False) -> None:
+    """One stored float repeated 2**30 times by a stride-0 view: 4 GiB if anything touches it."""
+    sd = dict(ldm_state_dict())
+    sd["decoder.conv_out.weight"] = torch.zeros(1).expand(*STRIDE0_SHAPE)
+    _torch_save(sd, path, legacy)
+
+
+def overlap_ckpt(path: Path, legacy: bool = False) -> None:
+    """65,536 stored floats seen as a 2**15 x 2**15 matrix through strides (1, 1): 4 GiB of views."""
+    sd = dict(ldm_state_dict())
+    sd["decoder.conv_out.weight"] = torch.zeros(2**16).as_strided(STRIDE0_SHAPE, (1, 1))
+    _torch_save(sd, path, legacy)
+
+
+BOMB_NUMEL = 2**29  # float32: a 2 GiB storage, deflated to ~2 MB
+
+
+class _BombStorage:
+    """Stands for the one storage of the bomb's pickle (pickled as a persistent id, as torch.save does)."""
+
+
+class _BombTensor:
+    def __reduce_ex__(self, protocol):
+        import collections
+
+        return (torch._utils._rebuild_tensor_v2, (_BombStorage, 0, (BOMB_NUMEL,), (1,), False, collections.OrderedDict()))
+
+
+class _BombPickler(__import__("pickle").Pickler):
+    def persistent_id(self, obj):
+        if obj is _BombStorage:
+            return ("storage", torch.FloatStorage, "0", "cpu", BOMB_NUMEL)
+        return None
+
+
+def zip_bomb_ckpt(path: Path) -> None:
+    """A torch zip checkpoint whose one storage is a deflated entry of 2 GiB of zeros (~2 MB on disk).
+    Written without ever holding the 2 GiB: one deflate block of 1 MiB of zeros, repeated."""
+    import io
+    import pickle
+    import zipfile
+    import zlib
+
+    template = io.BytesIO()
+    torch.save({"k": torch.zeros(1)}, template)
+    buf = io.BytesIO()
+    _BombPickler(buf, protocol=2).dump({"decoder.conv_out.weight": _BombTensor()})
+    chunk = bytes(1 << 20)
+    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = comp.compress(chunk) + comp.flush(zlib.Z_FULL_FLUSH)  # the same bytes for every 1 MiB of zeros
+    repeats = BOMB_NUMEL * 4 // len(chunk)
+    tail = comp.flush(zlib.Z_FINISH)
+    crc = 0
+    for _ in range(repeats):
+        crc = zlib.crc32(chunk, crc)
+    with zipfile.ZipFile(io.BytesIO(template.getvalue())) as src, zipfile.ZipFile(path, "w") as zf:
+        for info in src.infolist():
+            if info.filename.endswith("/data/0"):
+                zi = zipfile.ZipInfo(info.filename)
+                zi.compress_type, zi.CRC = zipfile.ZIP_DEFLATED, crc
+                zi.file_size, zi.compress_size = BOMB_NUMEL * 4, len(block) * repeats + len(tail)
+                zi.header_offset = zf.fp.tell()
+                zf.fp.write(zi.FileHeader(zip64=True))
+                for _ in range(repeats):
+                    zf.fp.write(block)
+                zf.fp.write(tail)
+                zf.filelist.append(zi)
+                zf.NameToInfo[zi.filename] = zi
+                zf.start_dir = zf.fp.tell()
+            else:
+                data = buf.getvalue() if info.filename.endswith("/data.pkl") else src.read(info)
+                zf.writestr(zipfile.ZipInfo(info.filename), data)
+
+
+def with_config(path: Path, **fields) -> None:
+    """A good tiny file whose metadata config has `fields` changed (values may be NaN, strings, ...)."""
+    cfg = {**tiny_model().config.to_dict(), **fields}
+    save_file(ldm_state_dict(), str(path), metadata={"vae_core.config": json.dumps(cfg)})
+
+
+def with_metadata(path: Path, **metadata: str) -> None:
+    """A good tiny file (no config in the metadata) with extra metadata strings."""
+    save_file(ldm_state_dict(), str(path), metadata={k.replace("__", "."): v for k, v in metadata.items()})
+
+
+def deep_json_config(path: Path, depth: int = 100_000) -> None:
+    """A metadata config nested `depth` lists deep (RecursionError in a plain json.loads)."""
+    save_file(ldm_state_dict(), str(path), metadata={"vae_core.config": "[" * depth + "]" * depth})
+
+
+def many_resnets(path: Path, extra: int = 20_000) -> None:
+    """20,000 tiny 1x1x1x1 'resnet' keys in level 0 and no config: inferred as 20,002 resnets per level
+    (a skeleton of minutes and GBs if built)."""
+    sd = dict(ldm_state_dict())
+    for i in range(2, 2 + extra):
+        sd[f"encoder.down.0.block.{i}.conv1.weight"] = torch.zeros(1, 1, 1, 1)
+    save_file(sd, str(path))
+
+
+def zero_dim_conv(path: Path) -> None:
+    sd = dict(ldm_state_dict())
+    sd["encoder.conv_in.weight"] = torch.tensor(1.0)
+    save_file(sd, str(path))
+
+
+def write_text(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def legacy_bomb_ckpt(path: Path, numel: int = 2**31) -> None:
+    """A legacy (pre-1.6, non-zip) torch pickle declaring one 8 GiB storage, holding 64 bytes of it.
+    torch allocates the declared size before reading it; the allocation is virtual (never touched)."""
+    import collections
+    import io
+    import pickle
+    import struct
+
+    class Storage:
+        pass
+
+    class Tensor:
+        def __reduce_ex__(self, protocol):
+            return (torch._utils._rebuild_tensor_v2, (Storage, 0, (numel,), (1,), False, collections.OrderedDict()))
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", numel, None) if obj is Storage else None
+
+    buf = io.BytesIO()
+    for header in (0x1950A86A20F9469CFC6C, 1001,  # torch's legacy magic number and protocol version
+                   {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(header, buf, protocol=2)
+    Pickler(buf, protocol=2).dump({"decoder.conv_out.weight": Tensor()})
+    pickle.dump(["0"], buf, protocol=2)
+    buf.write(struct.pack("<q", numel) + bytes(64))
+    path.write_bytes(buf.getvalue())

@@ -116,7 +116,7 @@ def test_broken_file_fails_clearly_and_the_fixed_file_then_loads(nc, pack, hosti
 
 
 def test_a_good_file_broken_later_is_not_served_from_the_cache(nc, pack, hostile_vae_dir):
-    """The cache keys on (mtime, size): a file that goes bad after a successful load gives the error,
+    """The cache keys on mtime, size and content: a file that goes bad after a successful load gives the error,
     not the old model; fixed again, it loads again."""
     path = hostile_vae_dir / "akl_goes_bad.safetensors"
     write_good(path, seed=7)

@@ -130,3 +130,141 @@ def test_the_memory_estimate_grows_with_the_request(pack, good_vae):
     # the IMAGE alone is 3 GiB at 16384^2 (and so is the decoder's fp32 output)
     assert big - small > 6 * GiB and "tiling" in how
     assert batch > small
+
+
+# -- attention can never be quadratic by accident (issue 13) -----------------------------------------
+
+
+@pytest.fixture()
+def score_spy(pack, monkeypatch):
+    """Records (batch, queries, keys) of every score matrix the plain-matmul kernel builds."""
+    attention = pack.vae_core.attention
+    seen = []
+    real = attention._math_attention
+
+    def spy(q, k, v, scale):
+        seen.append((q.shape[0], q.shape[1], k.shape[1]))
+        return real(q, k, v, scale)
+
+    monkeypatch.setattr(attention, "_math_attention", spy)
+    return seen
+
+
+def _math_vae(nc, vae):
+    return nc.AutoencoderKLSetAttentionProcessor().set_processor(vae, "math")["result"][0]
+
+
+# 16 x 16 latent: 256 positions, a (256, 256) fp32 score matrix and its softmax are 512 KiB; the budget
+# injected below allows 8 query rows. At 2048^2 (65,536 positions) the whole matrix would be 32 GiB.
+ROWS_ALLOWED = 8
+SCORE_LIMIT = 256 * 8 * ROWS_ALLOWED
+
+
+def test_math_attention_in_a_tiled_decode_that_fits_one_tile_is_sliced(nc, pack, good_vae, score_spy, monkeypatch):
+    """Set Attention Processor 'math', then a latent into the Tiled Decode with tile 4096: the image fits one
+    tile, so the node runs core.decode untiled; the attention guard still bounds the score matrix."""
+    free = int(SCORE_LIMIT / pack.vae_core.memory.SAFETY) + 8
+    monkeypatch.setattr(pack.nodes.run, "_free_bytes", lambda vae: free)
+    vae = _math_vae(nc, good_vae)
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = nc.AutoencoderKLDecodeTiled().decode({"samples": z}, vae, 4096, 0, "exact")
+    assert out["ui"]["akl_grid"][0]["tiles"] == 1
+    assert score_spy and max(b * q * k * 8 for b, q, k in score_spy) <= SCORE_LIMIT
+    ref = nc.AutoencoderKLDecode().decode({"samples": z}, good_vae)["result"][0]  # sdpa, the default
+    torch.testing.assert_close(out["result"][0], ref, atol=1e-5, rtol=0)  # fp32; slicing changes rounding only
+
+
+def test_math_attention_through_the_hosts_vae_decode_is_sliced(host, nc, pack, good_vae, score_spy, monkeypatch):
+    """The host's VAEDecode calls our object's first_stage_model directly: the guard measures free memory
+    itself there (here: injected small)."""
+    monkeypatch.setattr(pack.vae_core.memory, "free_memory",
+                        lambda device: int(SCORE_LIMIT / pack.vae_core.memory.SAFETY) + 8)
+    vae = _math_vae(nc, good_vae)
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    image = host.VAEDecode().decode(vae, {"samples": z})[0]
+    assert image.shape == (1, 128, 128, 3) and torch.isfinite(image).all()
+    assert score_spy and max(b * q * k * 8 for b, q, k in score_spy) <= SCORE_LIMIT
+
+
+def test_the_memory_check_counts_attention(pack, good_vae, nc):
+    needed = pack.nodes.run._needed_ram
+    shape = (1, 4, 64, 64)
+    fused, _ = needed("decode", good_vae, shape, None)
+    math, _ = needed("decode", _math_vae(nc, good_vae), shape, None)
+    assert math > fused  # 4096 positions: a 128 MiB score matrix (under the cap), counted
+
+
+# -- long runs are announced; far-out inputs warned, not refused (issue 13) ---------------------------
+
+
+def test_a_tiled_run_of_many_tiles_is_announced_up_front_and_still_cancels(nc, pack, good_vae, monkeypatch, caplog):
+    import logging
+
+    import comfy.model_management as mm
+
+    monkeypatch.setattr(pack.nodes.run, "LONG_RUN_TILES", 8)  # stands for "some thousands"
+    z = torch.zeros(1, 4, 24, 24)  # 192 px in 64 px blend tiles, 16 px overlap: 16 tiles
+    with caplog.at_level(logging.WARNING):
+        out = nc.AutoencoderKLDecodeTiled().decode({"samples": z}, good_vae, 64, 16, "blend")
+    report = out["ui"]["akl_run"][0]
+    assert report["tiles"] == 16
+    up_front, eta = report["warnings"]
+    assert "long run" in up_front and "16 tiles of 64 px (blend)" in up_front and "Cancel" in up_front
+    assert eta.startswith("long run: 16 steps, about") and "left" in eta
+    assert sum("long run" in r.getMessage() for r in caplog.records) == 2
+    mm.interrupt_current_processing(True)  # Cancel still stops it
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            nc.AutoencoderKLDecodeTiled().decode({"samples": z}, good_vae, 64, 16, "blend")
+    finally:
+        mm.interrupt_current_processing(False)
+
+
+def test_a_long_run_is_timed_after_three_slow_steps_without_waiting_for_one_percent(pack, monkeypatch):
+    run = pack.nodes.run
+    monkeypatch.setattr(run, "EARLY_ESTIMATE_S", 0.0)  # "slow enough to time": any elapsed time here
+    notes = []
+    cb = run.progress_callback(1000, notes, announce_over=10)
+    cb(1, 1000)
+    cb(2, 1000)
+    assert notes == []  # fewer than three steps: too few to time
+    cb(3, 1000)
+    cb(4, 1000)
+    assert len(notes) == 1 and notes[0].startswith("long run: 1000 steps, about") and "first 3" in notes[0]
+    quiet = []
+    short = run.progress_callback(10, quiet, announce_over=10)
+    for i in range(1, 11):
+        short(i, 10)
+    assert quiet == []  # not a long run
+
+
+def test_short_runs_carry_no_warning(nc, good_vae):
+    report = nc.AutoencoderKLDecodeTiled().decode({"samples": torch.zeros(1, 4, 24, 24)}, good_vae, 64, 16,
+                                                  "blend")["ui"]["akl_run"][0]
+    assert report["warnings"] == []
+
+
+def test_latents_far_outside_a_vaes_range_run_with_a_warning(nc, good_vae):
+    z = torch.zeros(1, 4, 8, 8)
+    z[0, 0, 0, 0] = -2e4
+    for node in DECODERS:
+        if node == "Decode":
+            out = nc.AutoencoderKLDecode().decode({"samples": z}, good_vae)
+        else:
+            out = nc.AutoencoderKLDecodeTiled().decode({"samples": z}, good_vae, 64, 16, node.split("/")[1])
+        warnings = out["ui"]["akl_run"][0]["warnings"]
+        assert len(warnings) == 1 and "up to |2e+04|" in warnings[0], node
+        assert "outside a VAE's range" in warnings[0]
+
+
+@pytest.mark.parametrize("value", [-0.6, 1.7])
+def test_images_outside_minus_half_to_one_and_a_half_run_with_a_warning(nc, good_vae, value):
+    image = torch.full((1, 32, 32, 3), 0.5)
+    image[0, 3, 4, 1] = value
+    for node in ENCODERS:
+        out = (nc.AutoencoderKLEncode().encode(image, good_vae) if node == "Encode"
+               else nc.AutoencoderKLEncodeTiled().encode(image, good_vae, 64, 16))
+        warnings = out["ui"]["akl_run"][0]["warnings"]
+        assert len(warnings) == 1 and "far outside [0, 1]" in warnings[0], node
+    inside = torch.full((1, 32, 32, 3), 1.4)  # slightly outside [0, 1] is common (upscalers): no warning
+    assert nc.AutoencoderKLEncode().encode(inside, good_vae)["ui"]["akl_run"][0]["warnings"] == []

@@ -143,7 +143,7 @@ def test_tiled_decode_blend_equals_the_cores_tiling_and_reports_progress(nc, loa
 
 
 def test_tiled_encode_blend_reports_its_grid(nc, loader, image, progress_events):
-    out = nc.AutoencoderKLEncodeTiled().encode(image, loader, 64, 16)
+    out = nc.AutoencoderKLEncodeTiled().encode(image, loader, 64, 16, "blend")
     assert out["ui"]["akl_grid"][0]["tiles"] == 4
     assert out["result"][0]["samples"].shape == (2, 4, 9, 11)
 

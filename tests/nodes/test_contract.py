@@ -11,14 +11,16 @@ REQUIRED = {
     "AutoencoderKLEncodeTiled": {"pixels", "vae", "tile_size", "overlap"},
     "AutoencoderKLDecodeTiled": {"samples", "vae", "tile_size", "overlap"},
     "AutoencoderKLSetAttentionProcessor": {"vae", "processor"},
+    "AutoencoderKLSampleImage": {"image"},
 }
 OPTIONAL = {
     "AutoencoderKLLoader": {"dtype": "auto"},
     "AutoencoderKLEncode": {"posterior": "mode", "seed": 0},
     "AutoencoderKLDecode": {},
-    "AutoencoderKLEncodeTiled": {"method": "blend"},
-    "AutoencoderKLDecodeTiled": {"method": "blend"},
+    "AutoencoderKLEncodeTiled": {"method": "exact"},
+    "AutoencoderKLDecodeTiled": {"method": "exact"},
     "AutoencoderKLSetAttentionProcessor": {"slice_size": 1024},
+    "AutoencoderKLSampleImage": {},
 }
 OUTPUTS = {
     "AutoencoderKLLoader": ("VAE",),
@@ -27,6 +29,7 @@ OUTPUTS = {
     "AutoencoderKLEncodeTiled": ("LATENT",),
     "AutoencoderKLDecodeTiled": ("IMAGE",),
     "AutoencoderKLSetAttentionProcessor": ("VAE",),
+    "AutoencoderKLSampleImage": ("IMAGE",),
 }
 DISPLAY = {
     "AutoencoderKLLoader": "Load VAE (AutoencoderKL)",
@@ -35,6 +38,7 @@ DISPLAY = {
     "AutoencoderKLEncodeTiled": "VAE Encode Tiled (AutoencoderKL)",
     "AutoencoderKLDecodeTiled": "VAE Decode Tiled (AutoencoderKL)",
     "AutoencoderKLSetAttentionProcessor": "Set VAE Attention Processor (AutoencoderKL)",
+    "AutoencoderKLSampleImage": "AutoencoderKL Sample Image",
 }
 
 

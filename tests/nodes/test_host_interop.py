@@ -1,6 +1,7 @@
 """Our VAE object in the host's own VAE nodes, the host's VAE in ours, and parity with the host's
-VAEEncode -> VAEDecode on the same SD-layout weights. The host's nodes run in-process under
-torch.inference_mode, as the host's executor runs them."""
+VAE in the host's own nodes on the same SD-layout weights. The host's nodes run in-process under
+torch.inference_mode, as the host's executor runs them. scripts/test.sh runs this file on each real
+host (0.3.75, and 0.8.0 with AKL_HOST_DIR)."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +10,10 @@ import torch
 # Host and pack compute the same fp32 graph on the CPU; kernels may differ in summation order
 # (conv algorithms, SDPA vs bmm attention), far below one 8-bit level.
 ONE_LEVEL = 1.0 / 255.0
+# Raw latents of random SD-size weights are O(1); the same fp32 graph with another summation order
+# (SDPA vs the host's attention, conv algorithms) differs by a few 1e-6 there (measured at most 5e-6
+# on 0.3.75 and 0.8.0); 1e-4 is fp32 noise of a deeper graph, far below what a decoder could show.
+LATENT_ATOL = 1e-4
 
 
 @pytest.fixture()
@@ -38,16 +43,27 @@ def test_host_decode_of_a_mismatched_latent_says_so(host, loader):
         host.VAEDecode().decode(loader, {"samples": torch.zeros(1, 16, 8, 8)})
 
 
-def test_host_vaesave_writes_a_file_our_loader_reads_back(host, nc, pack, loader):
-    import os
-
+def run_vae_save(vae, prefix: str) -> str:
+    """Run the host's VAESave through whichever API it has: a V1 node (an instance with FUNCTION and
+    output_dir, 0.3.75 and 0.8.0) or a V3 node (classmethod execute, the output folder from
+    folder_paths, newer hosts). Returns the folder it writes to."""
     import folder_paths
     from comfy_extras.nodes_model_merging import VAESave
 
-    node = VAESave()
     with torch.inference_mode():
-        node.save(loader, "vae/akl_saved")
-    out_dir = os.path.join(node.output_dir, "vae")
+        if hasattr(VAESave, "PREPARE_CLASS_CLONE"):  # V3 (it has a FUNCTION too, for V1 callers)
+            # a class clone with empty hidden inputs (prompt, extra_pnginfo), as the executor makes
+            VAESave.PREPARE_CLASS_CLONE(None).execute(vae=vae, filename_prefix=prefix)
+            return folder_paths.get_output_directory()
+        node = VAESave()
+        getattr(node, VAESave.FUNCTION)(vae, prefix)
+        return node.output_dir
+
+
+def test_host_vaesave_writes_a_file_our_loader_reads_back(host, nc, pack, loader):
+    import os
+
+    out_dir = os.path.join(run_vae_save(loader, "vae/akl_saved"), "vae")
     saved = sorted(f for f in os.listdir(out_dir) if f.startswith("akl_saved"))[-1]
     path = os.path.join(out_dir, saved)
     # LDM layout, as the host's own VAEs are saved
@@ -55,6 +71,42 @@ def test_host_vaesave_writes_a_file_our_loader_reads_back(host, nc, pack, loader
 
     sd = load_file(path)
     assert "encoder.down.0.block.0.conv1.weight" in sd
+    back = pack.vae_core.AutoencoderKL.from_single_file(path)
+    for (k, a), b in zip(loader.core.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+    os.remove(path)
+
+
+def test_vaesave_through_the_v3_api_as_newer_hosts_define_it(host, pack, loader, monkeypatch):
+    """Newer hosts define VAESave as a V3 node (classmethod execute, hidden prompt/extra_pnginfo, the
+    output folder from folder_paths). A stand-in written from that shape, on the installed host's own
+    comfy_api ComfyNode, takes run_vae_save's V3 path."""
+    import os
+
+    import comfy.utils
+    import comfy_extras.nodes_model_merging as merging
+    import folder_paths
+    from comfy_api.latest import io
+
+    class VAESaveV3(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="VAESave", category="advanced/model_merging",
+                             inputs=[io.Vae.Input("vae"), io.String.Input("filename_prefix")],
+                             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo], is_output_node=True)
+
+        @classmethod
+        def execute(cls, vae, filename_prefix):
+            assert cls.hidden.prompt is None and cls.hidden.extra_pnginfo is None
+            folder, name, counter, _sub, _prefix = folder_paths.get_save_image_path(
+                filename_prefix, folder_paths.get_output_directory())
+            comfy.utils.save_torch_file(vae.get_sd(), os.path.join(folder, f"{name}_{counter:05}_.safetensors"))
+            return io.NodeOutput()
+
+    monkeypatch.setattr(merging, "VAESave", VAESaveV3)
+    out_dir = os.path.join(run_vae_save(loader, "vae/akl_saved_v3"), "vae")
+    saved = sorted(f for f in os.listdir(out_dir) if f.startswith("akl_saved_v3"))[-1]
+    path = os.path.join(out_dir, saved)
     back = pack.vae_core.AutoencoderKL.from_single_file(path)
     for (k, a), b in zip(loader.core.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), k
@@ -113,6 +165,44 @@ def test_parity_with_the_hosts_round_trip_on_sd_weights(host, nc, sd_file):
     assert copy is not host_vae and type(host_vae).__name__ == "VAE"
     img3 = nc.AutoencoderKLDecode().decode(nc.AutoencoderKLEncode().encode(image, copy)["result"][0], copy)["result"][0]
     assert (img3 - host_img).abs().max().item() <= ONE_LEVEL
+
+
+def test_host_nodes_give_the_same_images_with_our_vae_as_with_theirs(host, nc, sd_file, mask):
+    """Done means: the host's own VAE nodes, fed our VAE instead of the host's (same file), give the
+    same images within one 8-bit level and the same latents."""
+    image = _photo_like(64, 80)
+    m = torch.zeros(1, 64, 80)
+    m[:, 16:40, 24:56] = 1.0
+    with torch.inference_mode():
+        theirs = host.VAELoader().load_vae(sd_file.name)[0]
+    ours = nc.AutoencoderKLLoader().load(sd_file.name, dtype="fp32")["result"][0]
+    assert type(ours).__name__ == "AutoencoderKLVAE" and type(theirs).__name__ == "VAE"
+
+    def through_host_nodes(vae):
+        with torch.inference_mode():
+            z = host.VAEEncode().encode(vae, image)[0]
+            return {
+                "encode": z["samples"],
+                "decode": host.VAEDecode().decode(vae, z)[0],
+                "encode_tiled": host.VAEEncodeTiled().encode(vae, image, 64, 16)[0]["samples"],
+                "decode_tiled": host.VAEDecodeTiled().decode(vae, z, 64, 16)[0],
+                "inpaint": host.VAEEncodeForInpaint().encode(vae, image, m, 6)[0]["samples"],
+                "inpaint_conditioning": host.InpaintModelConditioning().encode([], [], image, vae, m, True)[2]["samples"],
+            }
+
+    before = image.clone()
+    a, b = through_host_nodes(theirs), through_host_nodes(ours)
+    assert torch.equal(image, before)  # the IMAGE other nodes still read is untouched
+    for key in ("decode", "decode_tiled"):
+        assert a[key].shape == b[key].shape == (1, 64, 80, 3), key
+        assert a[key].dtype == b[key].dtype, key
+        assert float(a[key].std()) > 0.02, key  # not a saturated, trivially equal image
+        diff = (a[key] - b[key]).abs().max().item()
+        assert diff <= ONE_LEVEL, (key, diff)
+    for key in ("encode", "encode_tiled", "inpaint", "inpaint_conditioning"):
+        assert a[key].shape == b[key].shape == (1, 4, 8, 10), key
+        # latents of the same fp32 graph; the images above bound what the difference does
+        torch.testing.assert_close(b[key], a[key], atol=LATENT_ATOL, rtol=0, msg=key)
 
 
 def test_our_loader_builds_what_the_hosts_cannot(host, nc, tiny_file):

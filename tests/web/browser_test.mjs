@@ -23,10 +23,18 @@ const { values: opts } = parseArgs({
     // The loader's vae_name; default: the one the workflow names (the shipped demo VAE).
     "vae-name": { type: "string" },
     "tile-size": { type: "string", default: "512" },
+    "vue-tile-size": { type: "string", default: "128" },
     timeout: { type: "string", default: "90" },
     chromium: { type: "string", default: "/usr/bin/chromium" },
+    // The pack's folder name under custom_nodes: the Templates dialog lists our templates under it.
+    module: { type: "string", default: "ComfyUI-AutoencoderKL" },
+    // Comma-separated template names to open from the Templates dialog and run as loaded.
+    templates: { type: "string", default: "akl_round_trip,akl_tiled_round_trip,akl_attention_processor" },
+    // Comma-separated step groups to run: panels (the panel checks), templates, subgraph, vue.
+    groups: { type: "string", default: "panels,templates,subgraph,vue" },
   },
 });
+const GROUPS = new Set(opts.groups.split(",").filter(Boolean));
 if (!opts.url) {
   console.error("usage: browser_test.mjs --url URL [--artifacts DIR] [--workflow FILE]");
   process.exit(2);
@@ -34,6 +42,10 @@ if (!opts.url) {
 const URL = opts.url.replace(/\/$/, "");
 const RUN_TIMEOUT_MS = Number(opts.timeout) * 1000;
 const NEW_TILE = Number(opts["tile-size"]);
+// The tile size the Nodes 2.0 step sets before its run.
+const VUE_TILE = Number(opts["vue-tile-size"]);
+// The tile size of the subgraph step (unlike every other run, so the host runs it afresh).
+const SUBGRAPH_TILE = 192;
 // The flags the project runs Chromium with (the user-data-dir is a fresh temporary folder).
 const CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
   "--disable-background-networking", "--disable-component-update", "--disable-sync"];
@@ -45,9 +57,11 @@ const OUR_NODES = {
   AutoencoderKLEncodeTiled: "VAE Encode Tiled (AutoencoderKL)",
   AutoencoderKLDecodeTiled: "VAE Decode Tiled (AutoencoderKL)",
   AutoencoderKLSetAttentionProcessor: "Set VAE Attention Processor (AutoencoderKL)",
+  AutoencoderKLSampleImage: "AutoencoderKL Sample Image",
 };
 
-const result = { steps: {}, timings_s: {}, errors: [], console_errors: [], page_errors: [], artifacts: [] };
+const result = { steps: {}, timings_s: {}, errors: [], console_errors: [], page_errors: [], artifacts: [],
+  template_requests: [] };
 const t0 = Date.now();
 
 async function step(name, fn) {
@@ -64,17 +78,24 @@ async function step(name, fn) {
 // Panels of the pack's nodes in the page: rows (label -> value), text and raw outputs.
 async function panels(page) {
   return page.evaluate(async (moduleUrl) => {
-    const { live } = await import(moduleUrl);
+    const { live, isAttached } = await import(moduleUrl);
+    // The execution id of a node: the ids of the subgraph nodes above it, then its own.
+    const executionIdOf = (node) => {
+      if (node.graph === app.rootGraph) return String(node.id);
+      const holder = [...app.rootGraph._nodes].find((n) => n.subgraph === node.graph);
+      return holder ? `${holder.id}:${node.id}` : null;
+    };
     const out = {};
     for (const [node, state] of live) {
       const rows = {};
       for (const tr of state.element.querySelectorAll("tr")) rows[tr.cells[0].textContent] = tr.cells[1].textContent;
       const r = state.element.getBoundingClientRect();
-      if (node.graph !== app.graph) continue; // a node of a closed workflow tab
+      if (!isAttached(node)) continue; // a node of a closed or replaced workflow
       out[node.id] = {
         type: node.comfyClass, kind: state.kind, shown_grid: state.shownGrid ?? null, rows, text: state.element.innerText,
         has_card: !!state.card, has_grid: !!state.grid, has_run: !!state.run, card: state.card,
-        grid: state.grid, run: state.run,
+        grid: state.grid, run: state.run, statuses: state.seenStatuses ?? [],
+        in_subgraph: node.graph !== app.rootGraph, execution_id: executionIdOf(node),
         visible: r.width > 0 && r.height > 0 && getComputedStyle(state.element).display !== "none",
       };
     }
@@ -97,6 +118,10 @@ async function main() {
     const page = context.pages()[0] ?? await context.newPage();
     page.on("console", (m) => { if (m.type() === "error") result.console_errors.push(m.text().slice(0, 500)); });
     page.on("pageerror", (e) => result.page_errors.push(String(e.message).slice(0, 500)));
+    // What the Templates dialog fetched from the pack's example_workflows folder.
+    page.on("response", (r) => {
+      if (r.url().includes("/workflow_templates/")) result.template_requests.push([r.url(), r.status()]);
+    });
     await run(page);
   } finally {
     await context.close();
@@ -116,6 +141,32 @@ async function run(page) {
     }));
   });
 
+  // Every status line a panel shows while its node runs (the page keeps them for the checks).
+  await step("hooks", () => page.evaluate(async (moduleUrl) => {
+    const { live, isAttached } = await import(moduleUrl);
+    window.__aklLive = live;
+    window.__aklIsAttached = isAttached;
+    window.__aklProgressIds = [];
+    const { api } = await import("/scripts/api.js");
+    api.addEventListener("progress", ({ detail }) => {
+      window.__aklProgressIds.push(String(detail?.node));
+      setTimeout(() => {
+        for (const state of live.values()) {
+          if (state.status) (state.seenStatuses ??= []).push(state.status);
+        }
+      }, 0);
+    });
+    return true;
+  }, PANEL_MODULE));
+
+  // Templates first: on a fresh server they run as a new user's first runs do.
+  if (GROUPS.has("templates")) await templateSteps(page);
+  if (GROUPS.has("panels")) await panelSteps(page);
+  if (GROUPS.has("subgraph")) await subgraphSteps(page);
+  if (GROUPS.has("vue")) await vueSteps(page);
+}
+
+async function panelSteps(page) {
   // The pack's nodes in the node library sidebar, and their tooltips.
   await step("node_library", async () => {
     await page.getByRole("button", { name: /Node Library/ }).first().click();
@@ -177,15 +228,14 @@ async function run(page) {
   });
 
   await step("queue_and_run", async () => {
+    const before = await historyIds();
     const queued = await page.evaluate(async () => {
       const r = await app.queuePrompt(0, 1);
       return r ?? null;
     });
-    // waitForFunction needs a synchronous predicate: hold the panel registry on window first.
-    await page.evaluate(async (moduleUrl) => { window.__aklLive = (await import(moduleUrl)).live; }, PANEL_MODULE);
     await waitForPanels(page, [["AutoencoderKLLoader", "card"], ["AutoencoderKLEncodeTiled", "grid"],
       ["AutoencoderKLDecodeTiled", "grid"], ["AutoencoderKLDecodeTiled", "run"]]);
-    return { queued: queued !== null };
+    return { queued: queued !== null, prompt_id: await waitForNewHistory(before) };
   });
 
   await step("panels_after_run", () => panels(page));
@@ -230,16 +280,149 @@ async function run(page) {
   await step("second_workflow", async () => {
     await page.evaluate(async (wf) => { await app.loadGraphData(wf); }, readWorkflow(opts.workflow2));
     await page.waitForTimeout(500);
+    const before = await historyIds();
     await page.evaluate(() => app.queuePrompt(0, 1));
     await waitForPanels(page, [["AutoencoderKLSetAttentionProcessor", "card"], ["AutoencoderKLEncode", "run"],
       ["AutoencoderKLDecode", "run"]]);
+    const promptId = await waitForNewHistory(before);
     await showWholeGraph(page);
     await page.waitForTimeout(300);
     const file = path.join(opts.artifacts, "web_attention_round_trip.png");
     await page.screenshot({ path: file });
     result.artifacts.push(file);
-    return { panels: await panels(page) };
+    return { prompt_id: promptId, panels: await panels(page) };
   });
+}
+
+// -- templates, subgraphs, Nodes 2.0 ----------------------------------------------------------
+
+async function historyIds() {
+  const res = await fetch(`${URL}/history`);
+  return new Set(Object.keys(await res.json()));
+}
+
+/** The id of the prompt that appears in the server's history after `before` was taken. */
+async function waitForNewHistory(before) {
+  const deadline = Date.now() + RUN_TIMEOUT_MS;
+  while (Date.now() < deadline) {
+    const now = await historyIds();
+    const added = [...now].filter((id) => !before.has(id));
+    if (added.length) return added[0];
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  throw new Error(`no new prompt in /history within ${RUN_TIMEOUT_MS / 1000} s`);
+}
+
+// Open each template from the Templates dialog the way a user does, press Run, and read the image
+// the SaveImage node shows.
+async function templateSteps(page) {
+  for (const name of opts.templates.split(",").filter(Boolean)) {
+    await step(`template_${name}`, async () => {
+      await page.evaluate(() => app.extensionManager.command.execute("Comfy.BrowseTemplates"));
+      const content = page.locator('[data-testid="template-workflows-content"]');
+      await content.waitFor({ timeout: 20000 });
+      await page.getByRole("dialog").getByText(opts.module, { exact: true }).last().click();
+      const card = page.locator(`[data-testid="template-workflow-${name}"]`);
+      await card.waitFor({ timeout: 10000 });
+      const img = card.locator("img").first();
+      await img.waitFor({ timeout: 10000 });
+      await page.waitForFunction((el) => el.complete && el.naturalWidth > 0, await img.elementHandle(),
+        { timeout: 10000 });
+      const thumbnail = await img.evaluate((el) => ({ width: el.naturalWidth, height: el.naturalHeight }));
+      const cardText = await card.innerText();
+      await card.click();
+      await content.waitFor({ state: "detached", timeout: 20000 });
+      await page.waitForFunction(() => app.rootGraph._nodes.some((n) => n.comfyClass === "SaveImage"), null,
+        { timeout: 20000 });
+      const nodes = await page.evaluate(() => app.rootGraph._nodes.map((n) => n.comfyClass ?? n.type));
+      const before = await historyIds();
+      await page.locator('[data-testid="queue-button"]').first().click(); // the Run button
+      const promptId = await waitForNewHistory(before);
+      // The image the SaveImage node shows once the run is done.
+      await page.waitForFunction(() => {
+        const im = app.rootGraph._nodes.find((n) => n.comfyClass === "SaveImage")?.imgs?.[0];
+        return im?.complete && im.naturalWidth > 0;
+      }, null, { timeout: RUN_TIMEOUT_MS, polling: 250 });
+      const shown = await page.evaluate(() => {
+        const im = app.rootGraph._nodes.find((n) => n.comfyClass === "SaveImage").imgs[0];
+        return { src: im.src, width: im.naturalWidth, height: im.naturalHeight };
+      });
+      const file = path.join(opts.artifacts, `web_template_${name}.png`);
+      await showWholeGraph(page);
+      await page.waitForTimeout(300);
+      await page.screenshot({ path: file });
+      result.artifacts.push(file);
+      return { thumbnail, card_text: cardText, nodes, prompt_id: promptId, shown };
+    });
+  }
+}
+
+// The tiled pair moved into a subgraph: the server names them "<subgraph node>:<inner id>" in its
+// progress and executed events; the panels must still follow their own node.
+async function subgraphSteps(page) {
+  await step("subgraph", async () => {
+    await page.evaluate(async (wf) => { await app.loadGraphData(wf); }, readWorkflow(opts.workflow));
+    await page.waitForTimeout(300);
+    await setTileSize(page, SUBGRAPH_TILE); // a prompt the host has not cached
+    const made = await page.evaluate(() => {
+      const picked = app.rootGraph._nodes.filter((n) =>
+        ["AutoencoderKLEncodeTiled", "AutoencoderKLDecodeTiled"].includes(n.comfyClass));
+      const { node } = app.rootGraph.convertToSubgraph(new Set(picked));
+      return { subgraph_node: String(node.id), inner: node.subgraph._nodes.map((n) => [String(n.id), n.comfyClass]) };
+    });
+    await page.evaluate(() => { window.__aklProgressIds = []; });
+    const before = await historyIds();
+    await page.evaluate(() => app.queuePrompt(0, 1));
+    const promptId = await waitForNewHistory(before);
+    await waitForPanels(page, [["AutoencoderKLEncodeTiled", "grid"], ["AutoencoderKLDecodeTiled", "grid"],
+      ["AutoencoderKLDecodeTiled", "run"]]);
+    const progressIds = await page.evaluate(() => window.__aklProgressIds);
+    return { ...made, prompt_id: promptId, progress_ids: progressIds, panels: await panels(page) };
+  });
+}
+
+// Nodes 2.0: the frontend draws nodes as Vue components and moves DOM widgets into them.
+async function vueSteps(page) {
+  await step("vue_nodes", async () => {
+    await page.evaluate(() => app.extensionManager.setting.set("Comfy.VueNodes.Enabled", true));
+    await page.evaluate(async (wf) => { await app.loadGraphData(wf); }, readWorkflow(opts.workflow));
+    await page.waitForSelector("[data-node-id]", { timeout: 15000 });
+    // A widget edit as the Vue widgets make it (set the value, call the widget's callback); it also
+    // makes the tiled nodes run again instead of coming from the host's cache.
+    await setTileSize(page, VUE_TILE);
+    const before = await historyIds();
+    await page.evaluate(() => app.queuePrompt(0, 1));
+    const promptId = await waitForNewHistory(before);
+    await waitForPanels(page, [["AutoencoderKLEncodeTiled", "grid"], ["AutoencoderKLDecodeTiled", "grid"],
+      ["AutoencoderKLDecodeTiled", "run"]]);
+    await page.waitForTimeout(300);
+    const placement = await page.evaluate(async (moduleUrl) => {
+      const { live } = await import(moduleUrl);
+      return [...live].filter(([n]) => n.graph === app.rootGraph).map(([n, s]) => ({
+        type: n.comfyClass, vue_node_id: s.element.closest("[data-node-id]")?.dataset.nodeId ?? null,
+        node_id: String(n.id),
+      }));
+    }, PANEL_MODULE);
+    await showWholeGraph(page);
+    await page.waitForTimeout(300);
+    const file = path.join(opts.artifacts, "web_vue_nodes.png");
+    await page.screenshot({ path: file });
+    result.artifacts.push(file);
+    const nodes = await page.locator("[data-node-id]").count();
+    await page.evaluate(() => app.extensionManager.setting.set("Comfy.VueNodes.Enabled", false));
+    return { prompt_id: promptId, vue_nodes: nodes, placement, panels: await panels(page) };
+  });
+}
+
+/** Set tile_size on both tiled nodes of the root graph, calling each widget's callback. */
+async function setTileSize(page, tile) {
+  await page.evaluate((t) => {
+    for (const node of app.rootGraph._nodes.filter((n) => n.comfyClass?.endsWith("Tiled"))) {
+      const w = node.widgets.find((x) => x.name === "tile_size");
+      w.value = t;
+      w.callback?.(t);
+    }
+  }, tile);
 }
 
 function readWorkflow(file) {
@@ -255,7 +438,7 @@ function readWorkflow(file) {
 /** Wait until, for each [comfyClass, key], a node of the current graph has that output. */
 async function waitForPanels(page, wanted) {
   await page.waitForFunction((want) => {
-    const states = [...window.__aklLive.entries()].filter(([n]) => n.graph === app.graph);
+    const states = [...window.__aklLive.entries()].filter(([n]) => window.__aklIsAttached(n));
     return want.every(([t, k]) => states.some(([n, s]) => n.comfyClass === t && s[k]));
   }, wanted, { timeout: RUN_TIMEOUT_MS, polling: 250 });
 }

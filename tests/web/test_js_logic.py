@@ -1,23 +1,38 @@
 """The web extension's pure logic (web/akl_lib.js): its node --test unit tests, and parity of its
-tile grid maths with nodes/grid.py on the same cases (no browser, no server)."""
+tile grid maths with nodes/grid.py (whose memory figure is vae_core/memory.py's) on the same cases
+(no browser, no server)."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import itertools
 import json
 import subprocess
+import sys
+import types
 from pathlib import Path
 
 WEB_TESTS = Path(__file__).resolve().parent
 REPO_ROOT = WEB_TESTS.parents[1]
 
 
+PACK = "akl_pack_for_grid"
+
+
 def _grid_module():
-    # nodes/__init__ imports the host; grid.py alone is host-free, so load it by path.
-    spec = importlib.util.spec_from_file_location("akl_grid_under_test", REPO_ROOT / "nodes" / "grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # nodes/__init__ imports the host; grid.py alone is host-free (it imports ..vae_core.memory), so
+    # import the pack without the host (its __init__ registers no nodes then) and nodes/ as a bare
+    # package whose __init__ is not run.
+    if PACK not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK, REPO_ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(REPO_ROOT)])
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = pack
+        spec.loader.exec_module(pack)
+        nodes = types.ModuleType(f"{PACK}.nodes")
+        nodes.__path__ = [str(REPO_ROOT / "nodes")]
+        sys.modules[f"{PACK}.nodes"] = nodes
+    return importlib.import_module(f"{PACK}.nodes.grid")
 
 
 def test_node_unit_tests(node_bin):
@@ -37,6 +52,21 @@ def _cases():
     for width, dsize, batch, direction in itertools.product([32, 128, 512], [2, 4], [1, 3], ["encode", "decode"]):
         cases.append({"image_h": 1080, "image_w": 1920, "tile_size": 512, "overlap": 64, "method": "blend",
                       "width": width, "dtype_bytes": dsize, "batch": batch, "direction": direction})
+    # real configs as the nodes send them (model_summary): depth, widths, channels, attention
+    models = [
+        {"block_out_channels": [8, 16], "latent_channels": 4, "in_channels": 3, "out_channels": 3,
+         "mid_block_add_attention": True},
+        {"block_out_channels": [8, 16, 32, 32], "latent_channels": 4, "in_channels": 3, "out_channels": 3,
+         "mid_block_add_attention": False},
+        {"block_out_channels": [128, 256, 512, 512], "latent_channels": 16, "in_channels": 3, "out_channels": 3,
+         "mid_block_add_attention": True},
+        {"block_out_channels": [64, 128, 256, 256, 512], "latent_channels": 32, "in_channels": 4, "out_channels": 4,
+         "mid_block_add_attention": True},
+    ]
+    for model, (h, w), tile, direction in itertools.product(models, [(64, 64), (1080, 1920), (4096, 4096)],
+                                                           [64, 512, 4096], ["encode", "decode"]):
+        cases.append({"image_h": h, "image_w": w, "tile_size": tile, "overlap": 0, "method": "exact", "width": 0,
+                      "dtype_bytes": 4, "batch": 2, "direction": direction, "model": model})
     return cases
 
 
@@ -56,8 +86,14 @@ def test_js_grid_matches_nodes_grid(node_bin):
             assert got == {"error": err}, case
             continue
         want = grid.tile_grid(case["image_h"], case["image_w"], case["tile_size"], case["overlap"], case["method"],
-                              4, case["width"], case["dtype_bytes"], case["batch"], case["direction"])
+                              4, case["width"], case["dtype_bytes"], case["batch"], case["direction"],
+                              model=case.get("model"))
         assert got == want, case
+        if "model" in case:  # the grid's figure is the memory model's, for the same config
+            cfg = types.SimpleNamespace(**case["model"])
+            tile_h, tile_w = min(case["tile_size"], case["image_h"]), min(case["tile_size"], case["image_w"])
+            assert want["estimated_bytes"] == grid.memory.tile_working_bytes(case["direction"], tile_h, tile_w, cfg,
+                                                                              4, case["batch"])
         n_tiled += want["tiles"] > 1
     # the cases cover both bad settings and real multi-tile grids
     assert n_errors >= 10 and n_tiled >= 50, (n_errors, n_tiled)

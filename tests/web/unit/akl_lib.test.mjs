@@ -1,11 +1,11 @@
-// Unit tests of web/akl_lib.js (node --test). Parity with nodes/grid.py is checked from pytest
+// Unit tests of web/akl_lib.js (node --test). Parity with nodes/grid.py (vae_core/memory.py) is checked from pytest
 // (tests/web/test_js_logic.py feeds both the same cases); these pin the behaviour in JS alone.
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import {
-  cardRows, checkTileParams, estimateBytes, formatBytes, formatCount, formatSeconds, gridRows, regrid,
-  runRows, tileGrid, tilingText,
+  cardRows, checkTileParams, formatBytes, formatCount, formatSeconds, gridRows, regrid,
+  runRows, tileGrid, tileWorkingBytes, tilingText,
 } from "../../../web/akl_lib.js";
 
 test("a 1024 x 768 decode with 256 px tiles and 32 px overlap runs a 4 x 5 grid", () => {
@@ -14,19 +14,22 @@ test("a 1024 x 768 decode with 256 px tiles and 32 px overlap runs a 4 x 5 grid"
   assert.equal(g.rows, 4);
   assert.equal(g.cols, 5);
   assert.equal(g.tiles, 20);
-  assert.equal(g.estimated_bytes, 17 * 128 * 256 * 256 * 4);
+  // SD-shaped default model: the decoder's top resnet (256 -> 128 channels: input, norm, conv1) at the
+  // tile's full resolution is the largest layer, times the untiled calibration 1.2
+  assert.equal(g.estimated_bytes, Math.trunc((2 * 256 + 128) * 256 * 256 * 4 * 1.2));
 });
 
 test("an image that fits in one tile runs untiled", () => {
   const g = tileGrid(512, 384, 512, 64);
   assert.deepEqual([g.rows, g.cols, g.tiles], [1, 1, 1]);
-  assert.equal(g.estimated_bytes, 17 * 128 * 512 * 384 * 4); // the tile is clipped to the image
+  assert.equal(g.estimated_bytes, Math.trunc((2 * 256 + 128) * 512 * 384 * 4 * 1.2)); // clipped to the image
 });
 
 test("exact tiling ignores the overlap", () => {
   const g = tileGrid(1000, 600, 256, 64, { method: "exact", direction: "encode" });
   assert.deepEqual([g.rows, g.cols], [4, 3]);
-  assert.equal(g.estimated_bytes, 14 * 128 * 256 * 256 * 4);
+  // the encoder's first resnet (128 channels: input, norm, conv1) at full resolution, calibration 1.6
+  assert.equal(g.estimated_bytes, Math.trunc(3 * 128 * 256 * 256 * 4 * 1.6));
 });
 
 test("invalid tile settings are reported, never rewritten", () => {
@@ -39,7 +42,7 @@ test("invalid tile settings are reported, never rewritten", () => {
   assert.throws(() => tileGrid(100, 100, 256, 200), RangeError);
 });
 
-test("regrid keeps the model's bytes per pixel from the last grid", () => {
+test("regrid keeps the model, dtype and batch of the last grid", () => {
   const last = tileGrid(768, 1024, 256, 32, { width: 64, dtypeBytes: 2, batch: 3, direction: "encode" });
   const now = regrid(last, 512, 64);
   const direct = tileGrid(768, 1024, 512, 64, { width: 64, dtypeBytes: 2, batch: 3, direction: "encode" });
@@ -47,9 +50,13 @@ test("regrid keeps the model's bytes per pixel from the last grid", () => {
   assert.deepEqual([now.rows, now.cols], [2, 3]);
 });
 
-test("estimateBytes matches the per-pixel calibration", () => {
-  assert.equal(estimateBytes("decode", 2, 64, 64), 17 * 128 * 64 * 64 * 4 * 2);
-  assert.equal(estimateBytes("encode", 1, 64, 64, 32, 2), 14 * 32 * 64 * 64 * 2);
+test("tileWorkingBytes walks the model's layers", () => {
+  const tiny = { block_out_channels: [8, 16], latent_channels: 4, in_channels: 3, out_channels: 3,
+                 mid_block_add_attention: true };
+  // decode, f = 2: the top resnet (16 -> 8 channels) at 64 x 64 px, for a batch of 2
+  assert.equal(tileWorkingBytes("decode", 64, 64, tiny, 4, 2), Math.trunc(2 * (2 * 16 + 8) * 64 * 64 * 4 * 1.2));
+  // encode: the first resnet (8 -> 8 channels) at 64 x 64 px, bf16, calibration 1.6
+  assert.equal(tileWorkingBytes("encode", 64, 64, tiny, 2), Math.trunc((2 * 8 + 8) * 64 * 64 * 2 * 1.6));
 });
 
 test("formatting", () => {
@@ -95,7 +102,7 @@ test("grid rows say rows x columns, overlap and estimated memory", () => {
   assert.equal(rows.Grid, "4 × 5 (20 tiles)");
   assert.equal(rows["Tile / overlap"], "256 px / 32 px");
   assert.equal(rows.Image, "1024 × 768 px (last run)");
-  assert.equal(rows["Est. peak memory"], "544 MiB per tile");
+  assert.equal(rows["Est. peak memory"], "192 MiB per tile");
 });
 
 test("run rows say time, peak memory, auto tiling and fp32 retry", () => {
@@ -118,4 +125,9 @@ test("run rows say time, peak memory, auto tiling and fp32 retry", () => {
   rows = Object.fromEntries(runRows({ ...base, tiled: true, tiles: 6, tile_size: 256 }, { manualTiles: true }));
   assert.equal(rows["Auto tiling"], undefined);
   assert.equal(tilingText({ ...base, tiled: true, tiles: 6, tile_size: 256 }), "yes, 6 tiles of 256 px");
+  assert.equal(rows["Batch split"], undefined);
+  rows = Object.fromEntries(runRows({ ...base, batch: 16, batch_chunk: 6, batch_runs: 3,
+                                      warnings: ["long run: 20000 steps"] }));
+  assert.equal(rows["Batch split"], "3 runs of up to 6 images (memory)");
+  assert.equal(rows.Warning, "long run: 20000 steps");
 });
