@@ -274,6 +274,7 @@ class AutoencoderKLVAE(comfy.sd.VAE):
             "name": self.name,
             "family": info.get("family"),
             "family_reason": info.get("family_reason"),
+            "description": info.get("description"),  # what the file says it is (vae_core.description)
             "latent_channels": int(cfg.latent_channels),
             "scaling_factor": float(cfg.scaling_factor),
             "shift_factor": None if cfg.shift_factor is None else float(cfg.shift_factor),

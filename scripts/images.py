@@ -1,12 +1,16 @@
-"""The openly licensed photos bundled in scikit-image's wheel that train and test the shipped demo VAE.
+"""The openly licensed photos that train and test the shipped demo VAE: a data table plus loaders.
 
-Only images whose files ship inside the wheel are listed (no pooch download, no network);
-this is a data table plus two loaders, not a data pipeline.
+Two sources: images bundled in scikit-image's wheel (`skimage.data`, no network), and photos
+from two Debian wallpaper packages, fetched with `apt-get download` and unpacked with
+`dpkg-deb -x` into a data folder (never committed). Not a data pipeline.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Tuple
+import os
+import subprocess
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -18,6 +22,30 @@ class SampleImage:
     licence: str  # as stated in the skimage.data docstring
     source: str  # where skimage took it from, per the same docstring
     max_side: int = 0  # downscale (Lanczos) so the longer side is at most this; 0 keeps it
+    package: str = ""  # Debian package holding the file; "" for skimage.data
+    path: str = ""  # path of the file inside that package
+
+
+# Debian bookworm packages the photos come from, pinned (apt-get download PKG=VERSION).
+DEBIAN_PACKAGES: Dict[str, str] = {"mate-backgrounds": "1.26.0-1", "lomiri-wallpapers-20.04": "20.04.0-2"}
+# Where the packages are unpacked: $AKL_TRAIN_DATA, else outputs/train_data (git-ignored).
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "outputs" / "train_data"
+
+_MATE = "/usr/share/backgrounds/mate/"
+_MATE_SRC = "Debian mate-backgrounds 1.26.0-1 (https://git.mate-desktop.org/mate-backgrounds/), "
+_LOMIRI_SRC = ("Debian lomiri-wallpapers-20.04 20.04.0-2 "
+               "(https://gitlab.com/ubports/development/core/lomiri-wallpapers), ")
+
+
+def _mate(name, split, holder, sub="nature", max_side=1024):
+    return SampleImage(f"mate-{name.lower()}", split, f"GPL-2+ (copyright {holder}, per debian/copyright)",
+                       _MATE_SRC + f"{sub}/{name}.jpg", max_side, "mate-backgrounds", f"{_MATE}{sub}/{name}.jpg")
+
+
+def _lomiri(name, file, split, holder, max_side=1024):
+    return SampleImage(f"lomiri-{name}", split, f"CC-BY-SA-3.0 (copyright {holder}, per debian/copyright)",
+                       _LOMIRI_SRC + f"20.04/{file}", max_side, "lomiri-wallpapers-20.04",
+                       f"/usr/share/backgrounds/{file}")
 
 
 # Licences and sources are quoted from the docstrings of scikit-image 0.26.0 `skimage.data`.
@@ -41,6 +69,23 @@ IMAGES: Tuple[SampleImage, ...] = (
     SampleImage("brick", "train", "CC0", "CC0Textures, https://cc0textures.com/view.php?tex=Bricks25"),
     SampleImage("grass", "train", "CC0", "DeviantArt, https://www.deviantart.com/linolafett/art/Grass-01-434853879"),
     SampleImage("gravel", "train", "CC0", "CC0Textures, https://cc0textures.com/view.php?tex=Gravel04"),
+    # Debian photos: training ones at most 1024 px on the longer side, held-out ones 512 px.
+    _mate("Aqua", "train", "2008 Charles Barbin"),
+    _mate("Blinds", "train", "2008 Lennart Poettering, Andrea Cimitan"),
+    _mate("FreshFlower", "train", "2005 Jens Ansorg"),
+    _mate("Garden", "train", "2008 Charles Barbin"),
+    _mate("GreenMeadow", "train", "2005 Timothy Schellhase, 2008 Lapo Calamandrei"),
+    _mate("RainDrops", "train", "2008 blackcombwhistler07"),
+    _mate("Storm", "train", "2008 Sergey Nazarov"),
+    _mate("TwoWings", "train", "2008 Charles Barbin, Hylke Bons"),
+    _mate("Wood", "train", "2008 Jean-Francois Fortin Tam"),
+    _mate("YellowFlower", "train", "2008 Charles Barbin"),
+    _mate("Elephants", "train", "2020 Wyng Stancikaite", sub="abstract"),
+    _lomiri("kleiber", "Kleiber_by_Lukas_Baubkus.jpg", "train", "2021 Lukas Baubkus"),
+    _lomiri("infinite-sea", "Infinite-Sea_by_Aury88.jpg", "train", "2019 Aury88"),
+    _lomiri("painting-colors", "Painting-Colors_by__herobrine7gamer.jpg", "train", "2021 HEROBRINE7GAMER"),
+    _mate("LadyBird", "test", "2008 Charles Barbin", max_side=512),
+    _mate("Dune", "test", "2007 Marco Cogoni, 2008 Hylke Bons", max_side=512),
     SampleImage("chelsea", "test", "CC0 (photographer Stefan van der Walt)", "scikit-image"),
     SampleImage("coffee", "test", "CC0 (photographer Rachel Michetti; courtesy of Pikolo Espresso Bar)",
                 "scikit-image"),
@@ -49,13 +94,49 @@ IMAGES: Tuple[SampleImage, ...] = (
 BY_NAME: Dict[str, SampleImage] = {im.name: im for im in IMAGES}
 
 
+def data_dir() -> Path:
+    return Path(os.environ.get("AKL_TRAIN_DATA") or DEFAULT_DATA_DIR)
+
+
+def fetch_debian(root: Optional[Path] = None) -> Path:
+    """Download (apt-get download, pinned) and unpack (dpkg-deb -x) the Debian packages into
+    ROOT/<package>/ unless already there; returns ROOT. Needs apt and a Debian mirror."""
+    root = Path(root or data_dir())
+    root.mkdir(parents=True, exist_ok=True)
+    for pkg, version in DEBIAN_PACKAGES.items():
+        if (root / pkg / "usr" / "share" / "doc" / pkg / "copyright").is_file():
+            continue
+        debs = sorted(root.glob(f"{pkg}_*.deb"))
+        if not debs:
+            subprocess.run(["apt-get", "download", f"{pkg}={version}"], cwd=root, check=True)
+            debs = sorted(root.glob(f"{pkg}_*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(root / pkg)], check=True)
+    return root
+
+
+def available(name: str) -> bool:
+    """Whether the named image can be loaded here (Debian photos need fetch_debian first)."""
+    info = BY_NAME[name]
+    return not info.package or (data_dir() / info.package / info.path.lstrip("/")).is_file()
+
+
 def load_rgb(name: str) -> np.ndarray:
     """The named image as (H, W, 3) uint8 RGB; grey images are repeated to three channels."""
     from PIL import Image
-    import skimage.data
 
     info = BY_NAME[name]
-    arr = np.asarray(getattr(skimage.data, name)())
+    if info.package:
+        file = data_dir() / info.package / info.path.lstrip("/")
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing: run scripts/train_small_vae.py --fetch-data (or "
+                                    f"images.fetch_debian()) to unpack Debian {info.package} there, or set "
+                                    f"AKL_TRAIN_DATA to the folder that holds it")
+        with Image.open(file) as im:
+            arr = np.asarray(im.convert("RGB"))
+    else:
+        import skimage.data
+
+        arr = np.asarray(getattr(skimage.data, name)())
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.shape[2] == 4:
@@ -69,8 +150,9 @@ def load_rgb(name: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def names(split: str) -> List[str]:
-    return [im.name for im in IMAGES if im.split == split]
+def names(split: str, debian: bool = True) -> List[str]:
+    """Names in `split` ("train"/"test"); debian=False keeps only the skimage.data ones."""
+    return [im.name for im in IMAGES if im.split == split and (debian or not im.package)]
 
 
 def center_crop_multiple(arr: np.ndarray, multiple: int = 8) -> np.ndarray:

@@ -37,9 +37,12 @@ NAME = "autoencoderkl-demo-f8"
 
 # -- the model ------------------------------------------------------------------------
 
-# Four levels (f8), four latent channels like SD's kl-f8, shrunk to fit 5 MB in fp32:
-# 1.13 M parameters. Width costs time at the top levels and bytes at the bottom ones, so the
-# bottom stays at 64 (param-bound) and the full-resolution level at 32 (time-bound).
+# Four levels (f8), four latent channels like SD's kl-f8: the first demo model's architecture,
+# 1.13 M parameters (2.3 MB in fp16). Width costs time at the top levels and bytes at the bottom
+# ones. A wider (32, 64, 96, 96) model (2.36 M, 4.7 MB in fp16; 0.25 s/step alone vs 0.20 s, bf16,
+# batch 8 x 64 px) trained from scratch was measured first: on this shared machine it reached only
+# 1000 steps in 21 min, at 18.1 dB mean held-out PSNR with almost no chroma (sepia), so the shipped
+# model instead fine-tunes the first one (--init) on the new data and losses.
 MODEL_CONFIG = dict(
     block_out_channels=(32, 48, 64, 64),
     down_block_types=("DownEncoderBlock2D",) * 4,
@@ -55,24 +58,37 @@ MODEL_CONFIG = dict(
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 9000  # optimisation steps; --minutes may stop the run earlier
-    minutes: float = 25.0  # wall-clock cap; the LR schedule follows max(step, time) progress
+    steps: int = 30000  # optimisation steps; --minutes may stop the run earlier
+    minutes: float = 85.0  # wall-clock cap; the LR schedule follows max(step, time) progress
     lr: float = 1e-3  # AdamW peak learning rate
-    lr_final: float = 2e-5  # end of the cosine decay
+    lr_final: float = 1e-5  # end of the cosine decay
     warmup: int = 100  # linear warm-up steps
     weight_decay: float = 1e-4
     # (crop px, batch) by progress: small crops first (fast), larger ones last so GroupNorm sees
     # statistics closer to a whole image's; both run ~280 k px/s on 2 cores.
-    phases: tuple = ((0.0, 64, 8), (0.6, 96, 4))
+    # Large crops: GroupNorm normalises with the statistics of what it sees, and a model trained
+    # on 64 px crops (the first one) shifts colours on whole 300-600 px photos (measured: the cat's
+    # green channel -17/255 whole, +0.9 in 64 px tiles); 256 px crops close most of that gap.
+    phases: tuple = ((0.0, 128, 2), (0.4, 192, 1), (0.7, 256, 1))
     edge_weight: float = 0.5  # L1 on horizontal/vertical image differences: keeps edges sharp
+    # L1 of 8x8 block means (the local colour at the latent's resolution), per RGB channel and on
+    # the YIQ chroma planes: a colour cast costs here on every block, not only at edges
+    colour_weight: float = 1.0
+    ema_decay: float = 0.995  # the shipped weights are an exponential moving average of the trained ones
+    bf16: bool = True  # bf16 autocast for the forward pass (AMX/AVX512-BF16 CPUs); weights stay fp32
     # beta of the KL term relative to the per-image *summed* L1, as LDM's kl-f8 (kl_weight=1e-6)
     kl_weight: float = 1e-6
     log_every: int = 25
-    eval_every: int = 1000
+    eval_every: int = 500
     eval_max_side: int = 0  # 0 evaluates whole held-out images
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
+    debian: bool = True  # train and test on the Debian photos too (False: skimage.data only)
+    full_hue: bool = False  # colour jitter: any hue angle on half the colour crops (else +-20 deg on a quarter)
+    init: str = ""  # start from this single-file model (same architecture) instead of random weights
 
+
+EMA_KEYS = ("loss_ema", "l1_ema", "edge_ema", "colour_ema", "kl_ema")
 
 # -- data -----------------------------------------------------------------------------
 
@@ -94,20 +110,24 @@ _YIQ_INV = torch.linalg.inv(_YIQ)
 
 
 class CropSampler:
-    """Random crops of the training images at scales 1, 3/4 and 1/2, with flips and colour jitter.
+    """Random crops of the training images at several scales, with flips and a mild colour jitter.
 
-    Five colour photos hold few hues, and a first run that only permuted channels learned a
-    luminance-plus-one-hue code that turned held-out photos red. So half of the colour crops get
-    their chroma plane (YIQ) turned by a random angle and scaled by U(0.6, 1.4), and half of the
-    grey crops get a random uniform tint. Colour photos get 75% of the draws.
+    Each image is kept at scales 1, 0.7, 0.5 and 0.35 of its stored size (the Debian photos are
+    stored at 1024 px on the longer side, so crops see detail at 360-1024 px), levels smaller
+    than the crop dropped. Colour photos get 85% of the draws, grey textures the rest.
+    Colour jitter: by default a quarter of the colour crops get their chroma (YIQ) turned by at
+    most +-20 degrees and scaled by 0.8-1.25, and brightness/contrast changed by a few per cent;
+    with full_hue, half of them get the first model's turn by any angle (scale 0.6-1.4), so an
+    image's context cannot predict its colours. Half the grey crops get a uniform tint.
     """
 
-    SCALES = (1.0, 0.75, 0.5)
+    SCALES = (1.0, 0.7, 0.5, 0.35)
 
-    def __init__(self, names: List[str], rng: np.random.Generator, max_crop: int):
+    def __init__(self, names: List[str], rng: np.random.Generator, max_crop: int, full_hue: bool = False):
         from PIL import Image
 
         self.rng = rng
+        self.full_hue = full_hue  # the first model's jitter: half the colour crops, any hue angle
         self.pyramids: List[List[torch.Tensor]] = []
         self.colour: List[bool] = []
         for name in names:
@@ -124,7 +144,7 @@ class CropSampler:
             self.colour.append(not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2])))
         n_col = sum(self.colour)
         n_grey = len(self.colour) - n_col
-        w = np.array([0.75 / n_col if c else 0.25 / n_grey for c in self.colour]) if n_col and n_grey else None
+        w = np.array([0.85 / n_col if c else 0.15 / n_grey for c in self.colour]) if n_col and n_grey else None
         self.weights = w / w.sum() if w is not None else None
 
     def batch(self, crop: int, size: int) -> torch.Tensor:
@@ -139,19 +159,24 @@ class CropSampler:
                 x = x.flip(2)
             if not self.colour[i] and self.rng.random() < 0.5:
                 x = x.flip(1)  # grey images are textures and coins: upside down is still natural
-            if self.rng.random() < 0.5:
+            if self.rng.random() < (0.25 if self.colour[i] and not self.full_hue else 0.5):
                 x = self.recolour(x, self.colour[i])
             out.append(x)
         return torch.stack(out).contiguous()  # (B, 3, crop, crop)
 
     def recolour(self, x: torch.Tensor, colour: bool) -> torch.Tensor:
-        """Turn and scale the chroma of a colour crop, or tint a grey one; (3, h, w) in [-1, 1]."""
+        """Nudge the chroma of a colour crop, or tint a grey one; (3, h, w) in [-1, 1]."""
         yiq = torch.einsum("ij,jhw->ihw", _YIQ, x)
         if colour:
-            theta, sat = self.rng.uniform(0, 2 * math.pi), self.rng.uniform(0.6, 1.4)
+            if self.full_hue:
+                theta, sat = self.rng.uniform(0, 2 * math.pi), self.rng.uniform(0.6, 1.4)
+            else:
+                theta, sat = self.rng.uniform(-math.pi / 9, math.pi / 9), math.exp(self.rng.uniform(-0.223, 0.223))
             c, s_ = math.cos(theta) * sat, math.sin(theta) * sat
             i_, q_ = yiq[1].clone(), yiq[2].clone()
             yiq[1], yiq[2] = c * i_ - s_ * q_, s_ * i_ + c * q_
+            if not self.full_hue:
+                yiq[0] = yiq[0] * self.rng.uniform(0.92, 1.08) + self.rng.uniform(-0.06, 0.06)
         else:
             # tint amplitude up to 0.3 in [-1, 1] units: a clearly coloured but not clipped texture
             amp, phi = self.rng.uniform(0.05, 0.3), self.rng.uniform(0, 2 * math.pi)
@@ -167,28 +192,45 @@ def image_differences(x: torch.Tensor):
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
 
+def block_colour(x: torch.Tensor, k: int = 8) -> torch.Tensor:
+    """Local colour: RGB and YIQ-chroma means over k x k blocks, (B, 5, H/k, W/k)."""
+    m = F.avg_pool2d(x, k, ceil_mode=True)
+    chroma = torch.einsum("ij,bjhw->bihw", _YIQ[1:].to(x.dtype), m)
+    return torch.cat([m, chroma], dim=1)
+
+
 def vae_loss(vae: AutoencoderKL, x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator):
     """Reparameterised negative ELBO with an L1 likelihood (Kingma & Welling 2014), beta-weighted KL,
-    plus an edge term. Returns (loss, parts) with every part a per-pixel mean."""
-    posterior = vae.encode(x).latent_dist
-    z = posterior.sample(generator)  # mean + std * eps: gradients flow through mean and std
-    y = vae.decode(z).sample
+    plus an edge term and a local-colour term. Returns (loss, parts) with every part a per-pixel mean.
+    The forward runs under bf16 autocast when cfg.bf16; the loss is computed in fp32."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(generator)  # mean + std * eps: gradients flow through mean and std
+        y = vae.decode(z).sample
+    y = y.float()
     l1 = (y - x).abs().mean()
     (ydx, ydy), (xdx, xdy) = image_differences(y), image_differences(x)
     edge = 0.5 * ((ydx - xdx).abs().mean() + (ydy - xdy).abs().mean())
-    kl = posterior.kl()  # (B,), summed over latent elements
+    colour = (block_colour(y) - block_colour(x)).abs().mean()
+    kl = posterior.kl().float()  # (B,), summed over latent elements
     pixels_per_image = x[0].numel()
     # kl_weight * KL / (C*H*W) == LDM's kl_weight * KL next to an L1 summed over the image
     kl_term = cfg.kl_weight * kl.mean() / pixels_per_image
-    loss = l1 + cfg.edge_weight * edge + kl_term
+    loss = l1 + cfg.edge_weight * edge + cfg.colour_weight * colour + kl_term
     latent_elems = z[0].numel()
-    return loss, {"l1": l1.item(), "edge": edge.item(), "kl_per_latent": kl.mean().item() / latent_elems}
+    return loss, {"l1": l1.item(), "edge": edge.item(), "colour": colour.item(),
+                  "kl_per_latent": kl.mean().item() / latent_elems}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two uint8 images, peak 255, over all pixels and channels."""
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else float(10.0 * np.log10(255.0**2 / mse))
+
+
+def colour_shift(a: np.ndarray, b: np.ndarray) -> List[float]:
+    """Mean per-channel shift of `b` against `a`, in 8-bit code values (R, G, B); a cast shows here."""
+    return [float(v) for v in (b.astype(np.float64) - a.astype(np.float64)).reshape(-1, 3).mean(axis=0)]
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -205,10 +247,10 @@ def reconstruct(vae: AutoencoderKL, arr: np.ndarray) -> np.ndarray:
     return to_uint8(vae.decode(z).sample[0])
 
 
-def heldout_images(max_side: int = 0) -> Dict[str, np.ndarray]:
+def heldout_images(max_side: int = 0, debian: bool = True) -> Dict[str, np.ndarray]:
     """Held-out images centre-cropped to multiples of 8 (and to `max_side` if given)."""
     out = {}
-    for name in images.names("test"):
+    for name in images.names("test", debian):
         arr = images.load_rgb(name)
         if max_side:
             arr = arr[: max_side, : max_side]
@@ -223,7 +265,8 @@ def evaluate(vae: AutoencoderKL, imgs: Dict[str, np.ndarray]) -> Dict[str, Dict[
     res = {}
     for name, arr in imgs.items():
         rec = reconstruct(vae, arr)
-        res[name] = {"psnr": psnr(arr, rec), "ssim": ssim(arr, rec), "shape": list(arr.shape[:2])}
+        res[name] = {"psnr": psnr(arr, rec), "ssim": ssim(arr, rec), "colour_shift": colour_shift(arr, rec),
+                     "shape": list(arr.shape[:2])}
     vae.train(was_training)
     return res
 
@@ -279,7 +322,7 @@ def export_weights(vae: AutoencoderKL, out: Path) -> Path:
     vae_dir.mkdir(parents=True, exist_ok=True)
     single, folder = vae_dir / f"{NAME}.safetensors", vae_dir / NAME
     if have_loading():
-        vae.save_single_file(single)
+        _save_demo_file(vae, single)
         if folder.is_dir():
             shutil.rmtree(folder)  # an older fallback export of this same model
         return single
@@ -289,6 +332,30 @@ def export_weights(vae: AutoencoderKL, out: Path) -> Path:
     (folder / "config.json").write_text(vae.config.to_json())
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / "diffusion_pytorch_model.safetensors"))
     return folder
+
+
+FAMILY = "demo"  # vae_core.latent_formats family of this model: its own latent space
+DESCRIPTION = ("Demo/test VAE trained by scripts/train_small_vae.py (see models/MODEL_CARD.md); "
+               "not SD-compatible: its latents mean nothing to any diffusion model.")
+
+
+def _save_demo_file(vae: AutoencoderKL, path: Path) -> None:
+    """The core's single-file export, then the tensors stored in fp16 and the metadata naming the
+    family ("demo") and what the file is; vae_core's loader copies them into fp32 parameters."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    vae.info = {**(getattr(vae, "info", None) or {}), "family": FAMILY}
+    vae.save_single_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    for k, v in sd.items():
+        if v.abs().max().item() > 6e4:
+            raise ValueError(f"{path}: tensor {k} exceeds the fp16 range (max |x| {v.abs().max().item():g})")
+    meta.update({"vae_core.family": FAMILY, "vae_core.description": DESCRIPTION,
+                 "vae_core.storage": "fp16 (upcast to fp32 on load)"})
+    save_file({k: v.half().contiguous() for k, v in sd.items()}, str(path), metadata=meta)
 
 
 def load_exported(path: Path) -> AutoencoderKL:
@@ -366,34 +433,62 @@ def plot_curves(rows: List[dict], path: Path) -> None:
         ("train loss (total)", (31, 119, 180), steps, [r["loss_ema"] for r in rows]),
         ("train L1 [-1,1]", (255, 127, 14), steps, [r["l1_ema"] for r in rows]),
         ("train edge L1", (44, 160, 44), steps, [r["edge_ema"] for r in rows]),
+        ("train colour L1", (148, 103, 189), steps, [r.get("colour_ema") for r in rows]),
     ], "training losses (EMA 0.95 per step), log scale", "", log_y=True)
     ev = [r for r in rows if r.get("heldout_psnr") not in (None, "")]
     _panel(draw, (500, 0, 1000, 380), [
-        ("held-out PSNR (dB)", (214, 39, 40), [r["step"] for r in ev], [float(r["heldout_psnr"]) for r in ev]),
-    ], "mean PSNR on held-out chelsea + coffee", "dB")
+        ("mean held-out PSNR (dB)", (214, 39, 40), [r["step"] for r in ev], [float(r["heldout_psnr"]) for r in ev]),
+        ("lowest held-out PSNR", (140, 86, 75), [r["step"] for r in ev],
+         [float(r["heldout_min_psnr"]) if r.get("heldout_min_psnr") not in (None, "") else None for r in ev]),
+    ], "held-out PSNR (EMA weights)", "dB")
     img.save(path)
 
 
 # -- the model card -------------------------------------------------------------------------
 
 
+HISTORY_FULL_HUE = ("\n  With the mild jitter, that run got worse on held-out photos after step 1000 (19.9 dB mean,\n"
+                    "  -51/255 of green at step 2000) while training photos kept their colours, and was\n"
+                    "  stopped; this one uses the full-circle jitter so that context cannot predict colour.")
+JITTER_MILD = ("Colour jitter on a quarter of the colour crops: chroma (YIQ) turned by at most\n"
+               "  20 degrees and scaled by 0.8-1.25, brightness/contrast by a few per cent.")
+JITTER_FULL = ("Colour jitter on half of the colour crops: chroma (YIQ) turned by any angle and scaled\n"
+               "  by 0.6-1.4, so that no colour can be guessed from an image's context and the latent must\n"
+               "  carry it (the pixels' own colour is what the loss scores).")
+
+
 def write_model_card(out: Path, m: dict) -> None:
-    rows = "\n".join(
-        f"| {im.name} | {im.split} | {im.licence} | {im.source} |" for im in images.IMAGES
-    )
+    def licence_rows(split):
+        return "\n".join(f"| {im.name} | {im.licence} | {im.source} |" for im in images.IMAGES
+                         if im.split == split and (m.get("debian_packages") or not im.package))
+
+    def shift(r):
+        return ", ".join(f"{v:+.2f}" for v in r["colour_shift"])
+
     heldout = "\n".join(
-        f"| {name} | {r['shape'][0]}x{r['shape'][1]} | {r['psnr']:.2f} | {r['ssim']:.4f} |"
+        f"| {name} | {r['shape'][1]}x{r['shape'][0]} | {r['psnr']:.2f} | {r['ssim']:.4f} | {shift(r)} |"
         for name, r in m["heldout"].items()
     )
+    meets = all(r["psnr"] >= 25.0 for r in m["heldout"].values()) and m["max_colour_shift"] <= 2.0
     cfg = json.dumps(m["config"], indent=2)
+    n_train = len(images.names("train", bool(m.get("debian_packages"))))
+    pkgs = ", ".join(f"`{k}` {v}" for k, v in (m.get("debian_packages") or {}).items())
+    first = m.get("first_model") or {}
+    first_rows = "\n".join(f"| {n} | {r['psnr']:.2f} | {r['ssim']:.4f} | {shift(r)} |" for n, r in first.items())
     text = f"""# {NAME}: a small KL-f8 VAE for demos and tests
 
-**Not a Stable Diffusion VAE.** Its latents mean nothing to any diffusion model: use it to
-try the nodes without downloading a 300 MB VAE, and in tests that want real images through a
-trained model. It reaches {m['mean_psnr']:.1f} dB mean PSNR on two held-out photos; for a rough scale
-only (other images, other resolution), the stabilityai/sd-vae-ft-mse model card reports 23.4 dB
-(original kl-f8) and 24.5 dB (ft-MSE) on COCO 2017 val at 256x256. Fine texture is much worse
-than SD's VAEs, which were trained with perceptual and adversarial losses on millions of images.
+**Family: demo. Not SD-compatible.** Its latents mean nothing to any diffusion model (SD1.x,
+SDXL, SD3, FLUX): use it to try the nodes without downloading a 300 MB VAE, and in tests that
+want real images through a trained model. The file says so itself: its safetensors metadata holds
+`vae_core.family = "demo"` and a `vae_core.description`, which the Load VAE node's card shows.
+
+On {len(m['heldout'])} held-out photos it reaches {m['mean_psnr']:.2f} dB mean PSNR (lowest
+{m['min_psnr']:.2f} dB), mean SSIM {m['mean_ssim']:.4f}, and a largest mean channel shift of
+{m['max_colour_shift']:.2f}/255. Targets (issue 17: PSNR >= 25 dB on each held-out photo at
+256-512 px, colour shift <= 2/255): **{'met' if meets else 'not met'}**. For a rough scale only (other
+images), the stabilityai/sd-vae-ft-mse card reports 23.4 dB (original kl-f8) and 24.5 dB (ft-MSE)
+on COCO 2017 val at 256x256; fine texture stays far below SD's VAEs, which were trained with
+perceptual and adversarial losses on millions of images.
 
 ## Files
 
@@ -403,8 +498,9 @@ than SD's VAEs, which were trained with perceptual and adversarial losses on mil
 | `models/MODEL_CARD.md` | this card |
 | `models/metrics.json` | the numbers below, machine-readable (the tests read it) |
 | `models/train_log.csv` | the loss log, one row every {m['log_every']} steps |
-| `models/loss_curve.png` | the loss curve |
+| `models/loss_curve.png` | the loss curves and the held-out PSNR during training |
 | `models/reconstructions.png` | held-out crops: original (left) and reconstruction (right) |
+| `models/before_after.jpg` | held-out crops: original, the first demo model, this model |
 | `models/samples/chelsea.png` | a held-out photo for the demo workflow (CC0, see below) |
 
 ## Model
@@ -413,7 +509,10 @@ AutoencoderKL from `vae_core` (diffusers' architecture and names), {m['params']:
 4 levels (f8), block_out_channels {list(MODEL_CONFIG['block_out_channels'])}, layers_per_block 1,
 norm_num_groups 16, 4 latent channels, single-head attention in both mid blocks.
 `scaling_factor` = {m['scaling_factor']:.5f} (1 / std of posterior samples over the whole training
-images); `shift_factor` = None. It runs in fp32.
+images; `vae_core.latent_formats` family "demo" holds the same value); `shift_factor` = None.
+Stored in fp16 to fit 5 MB; `vae_core`'s loader copies the weights into fp32 parameters, so it
+runs in fp32 unless a dtype is chosen. The shipped weights are an exponential moving average
+(decay {TrainConfig.ema_decay}) of the trained ones.
 
 ```json
 {cfg}
@@ -421,61 +520,90 @@ images); `shift_factor` = None. It runs in fp32.
 
 ## Training
 
-- Data: the ten training images in the table below; random crops at scales 1, 3/4 and 1/2,
-  horizontal flips (and vertical ones on the grey textures); on half of the crops a colour jitter
-  (colour crops: chroma turned by a random angle in YIQ and scaled by 0.6-1.4; grey crops: a
-  random uniform tint). Colour photos get 75% of the draws. Grey images are fed as RGB.
+- Data: the {n_train} training images listed below (skimage.data{', and photos from the Debian packages ' + pkgs + ', fetched with `apt-get download` and unpacked with `dpkg-deb -x`' if pkgs else ''}).
+  Debian photos are read at 1024 px on the longer side. Random crops at scales 1, 0.7, 0.5 and
+  0.35 of each image, horizontal flips (and vertical ones on the grey textures). {JITTER_FULL if m.get('full_hue') else JITTER_MILD}
+  Half of the grey crops get a uniform tint.
+  Colour photos get 85% of the draws. Grey images are fed as RGB.
 - Loss: the reparameterised negative ELBO with an L1 likelihood on pixels in [-1, 1]
   (Kingma & Welling 2014): L1 + {TrainConfig.edge_weight} * L1 of horizontal/vertical image differences
-  + beta * KL(q(z|x) || N(0, I)) with beta = {TrainConfig.kl_weight:g} relative to the per-image summed L1
-  (the weight of LDM's kl-f8 config). No perceptual or adversarial loss.
-- AdamW, lr {TrainConfig.lr:g} (warm-up {TrainConfig.warmup} steps, cosine to {TrainConfig.lr_final:g}),
-  weight decay {TrainConfig.weight_decay:g}, gradient-norm clip 1; crops of 64 px in batches of 8 for the first
-  60% of the run, then 96 px in batches of 4.
+  + {TrainConfig.colour_weight} * L1 of 8x8 block means (RGB and the YIQ chroma planes: the local colour,
+  so a cast costs everywhere) + beta * KL(q(z|x) || N(0, I)) with beta = {TrainConfig.kl_weight:g} relative
+  to the per-image summed L1 (the weight of LDM's kl-f8 config). No perceptual or adversarial loss.
+- {('Initialised from the first demo model (git 2d26bec, `' + m['init'] + '`: the same architecture, trained 18 min from scratch on skimage.data by this script at that commit), then fine-tuned here. ') if m.get('init') else 'From random weights. '}
+  AdamW, lr {m.get('lr', TrainConfig.lr):g} (warm-up {TrainConfig.warmup} steps, cosine to {TrainConfig.lr_final:g}),
+  weight decay {TrainConfig.weight_decay:g}, gradient-norm clip 1; crops (px x batch) by progress:
+  {', '.join(f'{c}x{b} from {int(p * 100)}%' for p, c, b in TrainConfig.phases)}.
+  Forward pass under {'bf16 autocast (fp32 master weights, loss in fp32)' if m.get('bf16_autocast') else 'fp32'}.
 - {m['steps']} steps (of {m['steps_target']} asked, cap {m['minutes']:g} min) in {m['wall_s'] / 60:.1f} min,
-  torch threads: {m['threads']} (torch {m['torch']}), seed {m['seed']}.
+  torch threads: {m['threads']} (torch {m['torch']}), seed {m['seed']}, on a 2-core machine shared
+  with other jobs (steps took 0.25 s alone and up to ~1 s under load).
 - Final training losses (EMA 0.95 per step, at the last logged step): total {m['final']['loss_ema']:.4f},
-  L1 {m['final']['l1_ema']:.4f}, edge {m['final']['edge_ema']:.4f}, KL per latent element
-  {m['final']['kl_ema']:.3f} nats.
-- Reproduce: `flock /tmp/cpu_heavy.lock .venv/bin/python scripts/train_small_vae.py --out models
-  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']}`. Data order, crops and noise
-  are seeded, but the LR schedule follows max(step / steps, elapsed / minutes): a run that the
-  clock stops (as this one{' was' if m['steps'] < m['steps_target'] else ' was not'}) gives a similar, not identical, model.
-  For a bit-reproducible run, give a large `--minutes`. One thread, because the 2-core machine was
-  shared: with two OpenMP threads and other jobs running, steps took ~2 s instead of ~0.12 s.
-- History: a first 24-minute run (4643 steps) that only permuted colour channels as augmentation
-  reached 18.4 dB on the held-out pair and turned both photos red; the colour jitter above
-  replaced it. The held-out images were thus looked at once to choose between two runs.
+  L1 {m['final']['l1_ema']:.4f}, edge {m['final']['edge_ema']:.4f}, colour {m['final']['colour_ema']:.4f},
+  KL per latent element {m['final']['kl_ema']:.3f} nats.
+- History: the first demo model (18 min from scratch on the ten skimage.data training images, with
+  full-circle hue jitter) cast photos pink and lost the cat's green eyes. A wider
+  (32, 64, 96, 96) model trained from scratch with the recipe above reached only 1000 steps in
+  21 min on this shared machine, at 18.1 dB mean held-out PSNR and almost no chroma (sepia); it
+  was stopped. A fine-tune of the first model on 64-128 px crops then showed, at step 1000, where
+  the casts come from: reconstructed in 64 px tiles the held-out cat kept its colours (mean shift
+  within 2/255, 24.5 dB), whole it lost 25/255 of green (22.0 dB); the first model does the same
+  (+0.9 vs -17/255). GroupNorm normalises with the statistics of what it sees, so a model trained
+  on small crops casts whole photos; this run trains on 128-256 px crops.{HISTORY_FULL_HUE if m.get('full_hue') else ''}
+  The held-out photos were looked at during these runs to make these choices.
+- Reproduce: {('`git show 2d26bec:models/vae/autoencoderkl-demo-f8.safetensors > ' + m['init'] + '`, then ') if m.get('init') else ''}`.venv/bin/python scripts/train_small_vae.py --fetch-data --out models
+  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --init ' + m['init'] + ' --before ' + m['init']) if m.get('init') else ''}`
+  (`--fetch-data` runs `apt-get download` into `$AKL_TRAIN_DATA`, default `outputs/train_data`).
+  Data order, crops and noise are seeded, but the LR schedule follows
+  max(step / steps, elapsed / minutes): a run that the clock stops (as this one{' was' if m['steps'] < m['steps_target'] else ' was not'})
+  gives a similar, not identical, model; for a bit-reproducible run give a large `--minutes`.
 
-![loss curve](loss_curve.png)
+![loss curves](loss_curve.png)
 
 ## Held-out reconstructions
 
-Whole images centre-cropped to multiples of 8, encoded to the posterior mean, decoded, clamped,
-rounded to uint8; PSNR over all pixels and channels (peak 255); SSIM from
-`skimage.metrics.structural_similarity(channel_axis=2, data_range=255)`.
+Held-out set: {', '.join(m['heldout'])} (never in training; the Debian ones at 512 px on the
+longer side). Whole images centre-cropped to multiples of 8, encoded to the posterior mean,
+decoded, clamped, rounded to uint8; PSNR over all pixels and channels (peak 255); SSIM from
+`skimage.metrics.structural_similarity(channel_axis=2, data_range=255)`; colour shift: the mean
+of reconstruction minus original per channel (R, G, B), in 8-bit code values.
 
-| image | size | PSNR (dB) | SSIM |
-|---|---|---|---|
+| image | size | PSNR (dB) | SSIM | mean shift R, G, B (/255) |
+|---|---|---|---|---|
 {heldout}
-| **mean** | | **{m['mean_psnr']:.2f}** | **{m['mean_ssim']:.4f}** |
+| **mean** | | **{m['mean_psnr']:.2f}** | **{m['mean_ssim']:.4f}** | largest {m['max_colour_shift']:.2f} |
+
+{('The first demo model (1.13 M parameters, fp32, 18 min of training on skimage.data only) on the same photos:' + chr(10) + chr(10) + '| image | PSNR (dB) | SSIM | mean shift R, G, B (/255) |' + chr(10) + '|---|---|---|---|' + chr(10) + first_rows + chr(10)) if first_rows else ''}
+![before and after](before_after.jpg)
 
 ![reconstructions](reconstructions.png)
 
 ## Data and licences
 
-All images come from the scikit-image {m['skimage']} wheel (`skimage.data`); licences and sources
-as its docstrings state them. Only images whose files ship inside the wheel are used.
+skimage.data images from the scikit-image {m['skimage']} wheel, licences and sources as its
+docstrings state them. Debian photos: licences and copyright holders as each package's
+`/usr/share/doc/PACKAGE/copyright` states them; the photos are not part of this repository.
 
-| image | split | licence | source |
-|---|---|---|---|
-{rows}
+Training:
+
+| image | licence | source |
+|---|---|---|
+{licence_rows('train')}
+
+Held out:
+
+| image | licence | source |
+|---|---|---|
+{licence_rows('test')}
 
 ## Limits
 
-- Small and briefly trained on ten images: blurry fine texture, dull or shifted colours on
-  saturated objects (see the coffee cup). Do not judge a tiling or loading method by its
-  absolute quality; compare methods against its own untiled output.
+- Small and briefly trained (18 min from scratch, then about an hour of fine-tuning, one CPU thread): soft fine texture (fur,
+  whiskers, foliage), and whole photos still lose green (the cat turns pinkish, yellow sand
+  red; see the held-out table): colour from whole-image context does not generalise from 24
+  training images. Next: hundreds of photos, 256-512 px crops and the full-circle jitter from
+  the start, for several hours. Do not judge a tiling or loading method by
+  its absolute quality; compare methods against its own untiled output.
 - Not compatible with any Stable Diffusion, SDXL, SD3 or FLUX model: its latent space is its own.
 - For demos and tests only.
 """
@@ -495,6 +623,33 @@ def save_reconstructions(vae: AutoencoderKL, imgs: Dict[str, np.ndarray], path: 
         rows.append(np.concatenate([a, reconstruct(vae, a)], axis=1))
     width = min(r.shape[1] for r in rows)
     Image.fromarray(np.concatenate([r[:, :width] for r in rows], axis=0)).save(path, optimize=True)
+
+
+def save_before_after(before: AutoencoderKL, after: AutoencoderKL, imgs: Dict[str, np.ndarray], path: Path,
+                      crop: int = 256, labels: Optional[tuple] = None) -> None:
+    """Rows of held-out centre crops: original | `before` model | `after` model, labelled."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for arr in imgs.values():
+        h, w = arr.shape[:2]
+        c = min(crop, h, w) // 8 * 8
+        top, left = (h - c) // 2, (w - c) // 2
+        a = np.ascontiguousarray(arr[top : top + c, left : left + c])
+        pad = np.full((c, crop - c if c < crop else 0, 3), 255, np.uint8)
+        rows.append(np.concatenate([np.concatenate([x, pad], axis=1)
+                                    for x in (a, reconstruct(before, a), reconstruct(after, a))], axis=1))
+    width = max(r.shape[1] for r in rows)
+    sheet = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255)
+                            for r in rows], axis=0)
+    head = Image.new("RGB", (width, 18), (255, 255, 255))
+    draw = ImageDraw.Draw(head)
+    for i, label in enumerate(labels or ("original", "first demo model (1.13 M, fp32)", f"this model ({NAME})")):
+        draw.text((i * crop + 4, 3), label, fill=(0, 0, 0))
+    out = Image.new("RGB", (width, 18 + sheet.shape[0]), (255, 255, 255))
+    out.paste(head, (0, 0))
+    out.paste(Image.fromarray(sheet), (0, 18))
+    out.save(path, quality=92)  # JPEG: a photo sheet, a quarter of the PNG size
 
 
 # -- training -------------------------------------------------------------------------------
@@ -526,14 +681,22 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
     rng = np.random.default_rng(cfg.seed)
     noise = torch.Generator().manual_seed(cfg.seed + 1)
     max_crop = max(p[1] for p in cfg.phases)
-    sampler = CropSampler(images.names("train"), rng, max_crop)
-    heldout = heldout_images(cfg.eval_max_side)
+    sampler = CropSampler(images.names("train", cfg.debian), rng, max_crop, cfg.full_hue)
+    heldout = heldout_images(cfg.eval_max_side, cfg.debian)
 
     vae = AutoencoderKL(**MODEL_CONFIG)
+    if cfg.init:
+        # fine-tune: start from an earlier model of the same architecture (its weights, not its config)
+        start_from = AutoencoderKL.from_single_file(cfg.init)
+        vae.load_state_dict(start_from.state_dict(), strict=True)
     vae.train()
+    ema_vae = AutoencoderKL(**MODEL_CONFIG).eval()  # the shipped weights: an EMA of vae's
+    ema_vae.load_state_dict(vae.state_dict())
+    ema_params = [p for p in ema_vae.parameters()]
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    fields = ["step", "elapsed_s", "lr", "crop", "batch", "loss", "l1", "edge", "kl_per_latent",
-              "loss_ema", "l1_ema", "edge_ema", "kl_ema", "heldout_psnr"]
+    fields = ["step", "elapsed_s", "lr", "crop", "batch", "loss", "l1", "edge", "colour", "kl_per_latent",
+              "loss_ema", "l1_ema", "edge_ema", "colour_ema", "kl_ema", "heldout_psnr", "heldout_min_psnr",
+              "heldout_max_shift"]
     rows: List[dict] = []
     ema: Dict[str, float] = {}
     start = time.monotonic()
@@ -557,7 +720,11 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
             opt.step()
             step += 1
-            current = {"loss": loss.item(), "l1": parts["l1"], "edge": parts["edge"], "kl": parts["kl_per_latent"]}
+            with torch.no_grad():
+                decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # short memory at the start
+                torch._foreach_lerp_(ema_params, list(vae.parameters()), 1.0 - decay)
+            current = {"loss": loss.item(), "l1": parts["l1"], "edge": parts["edge"], "colour": parts["colour"],
+                       "kl": parts["kl_per_latent"]}
             for k, v in current.items():
                 ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
             evaluated = step % cfg.eval_every == 0 or step == cfg.steps
@@ -565,21 +732,26 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
                 row = {
                     "step": step, "elapsed_s": round(time.monotonic() - start, 1), "lr": f"{lr:.3g}",
                     "crop": crop, "batch": batch, "loss": f"{current['loss']:.5f}", "l1": f"{parts['l1']:.5f}",
-                    "edge": f"{parts['edge']:.5f}", "kl_per_latent": f"{parts['kl_per_latent']:.4f}",
-                    "loss_ema": ema["loss"], "l1_ema": ema["l1"], "edge_ema": ema["edge"], "kl_ema": ema["kl"],
-                    "heldout_psnr": "",
+                    "edge": f"{parts['edge']:.5f}", "colour": f"{parts['colour']:.5f}",
+                    "kl_per_latent": f"{parts['kl_per_latent']:.4f}",
+                    "loss_ema": ema["loss"], "l1_ema": ema["l1"], "edge_ema": ema["edge"],
+                    "colour_ema": ema["colour"], "kl_ema": ema["kl"],
+                    "heldout_psnr": "", "heldout_min_psnr": "", "heldout_max_shift": "",
                 }
                 if evaluated:
-                    res = evaluate(vae, heldout)
+                    res = evaluate(ema_vae, heldout)
                     row["heldout_psnr"] = f"{np.mean([r['psnr'] for r in res.values()]):.3f}"
-                    save_checkpoint(vae, work / "checkpoint.safetensors", {"step": step})
-                    print(f"step {step}: held-out PSNR {row['heldout_psnr']} dB, "
-                          f"{row['elapsed_s']:.0f} s", flush=True)
-                for k in ("loss_ema", "l1_ema", "edge_ema", "kl_ema"):
+                    row["heldout_min_psnr"] = f"{min(r['psnr'] for r in res.values()):.3f}"
+                    row["heldout_max_shift"] = f"{max(abs(c) for r in res.values() for c in r['colour_shift']):.2f}"
+                    save_checkpoint(ema_vae, work / "checkpoint.safetensors", {"step": step, "wall_s": row["elapsed_s"]})
+                    print(f"step {step}: held-out PSNR mean {row['heldout_psnr']} min {row['heldout_min_psnr']} dB, "
+                          f"max colour shift {row['heldout_max_shift']}, {row['elapsed_s']:.0f} s "
+                          + " ".join(f"{n}={r['psnr']:.2f}" for n, r in res.items()), flush=True)
+                for k in ("loss_ema", "l1_ema", "edge_ema", "colour_ema", "kl_ema"):
                     row[k] = f"{row[k]:.5f}"
                 writer.writerow(row)
                 fh.flush()
-                rows.append({**row, **{k: float(row[k]) for k in ("loss_ema", "l1_ema", "edge_ema", "kl_ema")}})
+                rows.append({**row, **{k: float(row[k]) for k in EMA_KEYS}})
                 if step % (cfg.log_every * 8) == 0 or step == 1:
                     print(f"step {step} {row['elapsed_s']:.0f}s lr {lr:.2e} crop {crop}x{batch} "
                           f"loss {row['loss']} l1 {row['l1']} edge {row['edge']} kl {row['kl_per_latent']}",
@@ -589,31 +761,31 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
             # a run stopped by the clock: log the last step too, so the CSV ends with the final EMAs
             row = {k: "" for k in fields}
             row.update(step=step, elapsed_s=round(wall, 1), loss_ema=f"{ema['loss']:.5f}", l1_ema=f"{ema['l1']:.5f}",
-                       edge_ema=f"{ema['edge']:.5f}", kl_ema=f"{ema['kl']:.5f}")
+                       edge_ema=f"{ema['edge']:.5f}", colour_ema=f"{ema['colour']:.5f}", kl_ema=f"{ema['kl']:.5f}")
             writer.writerow(row)
-            rows.append({**row, **{k: float(row[k]) for k in ("loss_ema", "l1_ema", "edge_ema", "kl_ema")}})
-    return vae, step, wall, rows
+            rows.append({**row, **{k: float(row[k]) for k in EMA_KEYS}})
+    return ema_vae, step, wall, rows
 
 
 def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: int, wall: float,
-           rows: List[dict]) -> dict:
+           rows: List[dict], before: Optional[Path] = None) -> dict:
     """Scaling factor, export, evaluation of the exported file, card, plot, sample."""
     import skimage
 
     vae.eval()
-    vae.config.scaling_factor = latent_scaling_factor(vae, images.names("train"), cfg.seed, cfg.eval_max_side)
+    vae.config.scaling_factor = latent_scaling_factor(vae, images.names("train", cfg.debian), cfg.seed, cfg.eval_max_side)
     save_checkpoint(vae, work / "final.safetensors", {"steps": steps, "wall_s": wall})
     weights = export_weights(vae, out)
     shipped = load_exported(weights).eval()  # evaluate what ships, not what is in memory
-    heldout = heldout_images(cfg.eval_max_side)
+    heldout = heldout_images(cfg.eval_max_side, cfg.debian)
     res = evaluate(shipped, heldout)
     params = sum(p.numel() for p in shipped.parameters())
-    last = rows[-1] if rows else {"loss_ema": float("nan"), "l1_ema": float("nan"), "edge_ema": float("nan"), "kl_ema": float("nan")}
+    last = rows[-1] if rows else {k: float("nan") for k in EMA_KEYS}
     metrics = {
         "name": NAME,
         "weights_relpath": str(weights.relative_to(out.parent) if out.name == "models" else weights),
         "weights_bytes": weights_bytes(weights),
-        "storage": "fp32, safetensors",
+        "storage": "fp16, safetensors (the loader upcasts to fp32)",
         "params": params,
         "config": {k: v for k, v in json.loads(shipped.config.to_json()).items() if not k.startswith("_")},
         "scaling_factor": shipped.config.scaling_factor,
@@ -626,12 +798,24 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
         "torch": torch.__version__,
         "skimage": skimage.__version__,
         "log_every": cfg.log_every,
-        "final": {k: float(last[k]) for k in ("loss_ema", "l1_ema", "edge_ema", "kl_ema")},
+        "final": {k: float(last[k]) for k in EMA_KEYS},
         "heldout": res,
         "mean_psnr": float(np.mean([r["psnr"] for r in res.values()])),
         "mean_ssim": float(np.mean([r["ssim"] for r in res.values()])),
+        "min_psnr": float(min(r["psnr"] for r in res.values())),
+        "max_colour_shift": float(max(abs(c) for r in res.values() for c in r["colour_shift"])),
+        "family": FAMILY,
+        "bf16_autocast": cfg.bf16,
+        "lr": cfg.lr,
+        "full_hue": cfg.full_hue,
+        "init": Path(cfg.init).name if cfg.init else None,
+        "debian_packages": dict(images.DEBIAN_PACKAGES) if cfg.debian else {},
         "eval_max_side": cfg.eval_max_side,
     }
+    if before is not None:  # the model this one replaces, on the same held-out photos
+        old = AutoencoderKL.from_single_file(before).eval()
+        metrics["first_model"] = evaluate(old, heldout)
+        save_before_after(old, shipped, heldout, out / "before_after.jpg")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     shutil.copy(work / "train_log.csv", out / "train_log.csv")
     if rows and rows[-1].get("heldout_psnr") in (None, ""):
@@ -652,6 +836,197 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
     return metrics
 
 
+def repackage(src: Path, out: Path, before_metrics: Path, tried: Optional[Path] = None) -> dict:
+    """Re-export an existing single-file model as the shipped file (fp16, family "demo", description)
+    and re-score it on today's held-out set, keeping the training facts of `before_metrics` (the
+    metrics.json that came with it); `tried`, a checkpoint of a model not shipped, is drawn beside
+    it in OUT/before_after.jpg and scored under "tried"."""
+    import skimage
+
+    old = json.loads(before_metrics.read_text())
+    vae = AutoencoderKL.from_single_file(src).eval()
+    weights = export_weights(vae, out)
+    shipped = load_exported(weights).eval()
+    heldout = heldout_images(0, True)
+    res = evaluate(shipped, heldout)
+    metrics = {**old, "weights_relpath": str(weights.relative_to(out.parent) if out.name == "models" else weights),
+               "weights_bytes": weights_bytes(weights), "storage": "fp16, safetensors (the loader upcasts to fp32)",
+               "family": FAMILY, "repackaged_from": src.name, "skimage": skimage.__version__,
+               "heldout": res, "mean_psnr": float(np.mean([r["psnr"] for r in res.values()])),
+               "mean_ssim": float(np.mean([r["ssim"] for r in res.values()])),
+               "min_psnr": float(min(r["psnr"] for r in res.values())),
+               "max_colour_shift": float(max(abs(c) for r in res.values() for c in r["colour_shift"])),
+               "debian_packages": dict(images.DEBIAN_PACKAGES)}
+    if tried is not None:
+        other = load_checkpoint(tried).eval()
+        metrics["tried"] = {"checkpoint": tried.name, "heldout": evaluate(other, heldout)}
+        save_before_after(shipped, other, heldout, out / "before_after.jpg",
+                          labels=("original", "shipped (first demo model)", "tried fine-tune (not shipped)"))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    save_reconstructions(shipped, heldout, out / "reconstructions.png")
+    write_repackaged_card(out, metrics)
+    return metrics
+
+
+def write_repackaged_card(out: Path, m: dict) -> None:
+    """The card of a repackaged model: today's held-out numbers, its original training facts, and
+    what was tried instead and why it was not shipped."""
+    def shift(r):
+        return ", ".join(f"{v:+.2f}" for v in r["colour_shift"])
+
+    def table(res):
+        return "\n".join(f"| {n} | {r['shape'][1]}x{r['shape'][0]} | {r['psnr']:.2f} | {r['ssim']:.4f} | {shift(r)} |"
+                         for n, r in res.items())
+
+    def licence_rows(split):
+        return "\n".join(f"| {im.name} | {im.licence} | {im.source} |" for im in images.IMAGES if im.split == split)
+
+    tried = m.get("tried") or {}
+    tried_block = ""
+    if tried:
+        tr = tried["heldout"]
+        tried_block = f"""The best fine-tune tried instead (`{tried['checkpoint']}`, not shipped; see "Tried" below):
+
+| image | size | PSNR (dB) | SSIM | mean shift R, G, B (/255) |
+|---|---|---|---|---|
+{table(tr)}
+| **mean** | | **{np.mean([r['psnr'] for r in tr.values()]):.2f}** | **{np.mean([r['ssim'] for r in tr.values()]):.4f}** | largest {max(abs(c) for r in tr.values() for c in r['colour_shift']):.2f} |
+"""
+    meets = all(r["psnr"] >= 25.0 for r in m["heldout"].values()) and m["max_colour_shift"] <= 2.0
+    cfg = json.dumps(m["config"], indent=2)
+    text = f"""# {NAME}: a small KL-f8 VAE for demos and tests
+
+**Family: demo. Not SD-compatible.** Its latents mean nothing to any diffusion model (SD1.x,
+SDXL, SD3, FLUX): use it to try the nodes without downloading a 300 MB VAE, and in tests that
+want real images through a trained model. The file says so itself: its safetensors metadata holds
+`vae_core.family = "demo"` and a `vae_core.description`, which the Load VAE node's card shows.
+
+**It casts colours.** On {len(m['heldout'])} held-out photos it reaches {m['mean_psnr']:.2f} dB mean PSNR (lowest
+{m['min_psnr']:.2f} dB), mean SSIM {m['mean_ssim']:.4f}, and a largest mean channel shift of
+{m['max_colour_shift']:.2f}/255: whole photos lose green (the cat turns pink, yellow sand turns
+red). Targets of issue 17 (PSNR >= 25 dB on each held-out photo at 256-512 px, colour shift
+<= 2/255): **{'met' if meets else 'not met'}**. The weights are still those of the first demo model (git 2d26bec),
+re-exported in fp16 with the metadata above: no retrained model beat them on the cat in the time
+there was (see "Tried").
+
+## Files
+
+| path | what |
+|---|---|
+| `{m['weights_relpath']}` | the weights ({m['weights_bytes'] / 1e6:.2f} MB, {m['storage']}) |
+| `models/MODEL_CARD.md` | this card |
+| `models/metrics.json` | the numbers below, machine-readable (the tests read it) |
+| `models/train_log.csv` | the first model's loss log, one row every {m['log_every']} steps |
+| `models/loss_curve.png` | the first model's loss curve |
+| `models/reconstructions.png` | held-out crops: original (left) and reconstruction (right) |
+| `models/before_after.jpg` | held-out crops: original, this model, the best fine-tune tried |
+| `models/samples/chelsea.png` | a held-out photo for the demo workflow (CC0, see below) |
+
+## Model
+
+AutoencoderKL from `vae_core` (diffusers' architecture and names), {m['params']:,} parameters:
+4 levels (f8), block_out_channels {m['config']['block_out_channels']}, layers_per_block 1,
+norm_num_groups 16, 4 latent channels, single-head attention in both mid blocks.
+`scaling_factor` = {m['scaling_factor']:.5f} (1 / std of posterior samples over its whole training
+images; `vae_core.latent_formats` family "demo" holds the same value); `shift_factor` = None.
+Stored in fp16 (2.3 MB); `vae_core`'s loader copies the weights into fp32 parameters, so it runs in
+fp32 unless a dtype is chosen (fp16 storage moves the held-out PSNR by < 0.01 dB).
+
+```json
+{cfg}
+```
+
+## Training (of these weights)
+
+- Data: the ten skimage.data training images listed below; random crops at scales 1, 3/4, 1/2,
+  flips, and on half of the crops a colour jitter (colour crops: chroma turned by any angle in YIQ
+  and scaled by 0.6-1.4; grey crops: a uniform tint).
+- Loss: the reparameterised negative ELBO with an L1 likelihood on pixels in [-1, 1]
+  (Kingma & Welling 2014): L1 + 0.5 * L1 of image differences + beta * KL with beta = 1e-6
+  relative to the per-image summed L1 (LDM kl-f8's weight).
+- AdamW, lr 1e-3 (cosine to 2e-5); 64 px crops x 8, then 96 px x 4; fp32.
+- {m['steps']} steps in {m['wall_s'] / 60:.1f} min, torch threads: {m['threads']}, seed {m['seed']}.
+- Reproduce: `git show 2d26bec:scripts/train_small_vae.py` with `--steps 6000 --minutes 18
+  --threads 1 --seed 0` gives weights like these (the clock stopped that run); this file is then
+  `scripts/train_small_vae.py --repackage first.safetensors --out models` (fp16 export, family and
+  description metadata, today's held-out set), with `first.safetensors` from
+  `git show 2d26bec:models/vae/autoencoderkl-demo-f8.safetensors`.
+
+![loss curve](loss_curve.png)
+
+## Held-out reconstructions
+
+Held-out set: {', '.join(m['heldout'])} (never in any training run here; the Debian ones at 512 px on
+the longer side). Whole images centre-cropped to multiples of 8, encoded to the posterior mean,
+decoded, clamped, rounded to uint8; PSNR over all pixels and channels (peak 255); SSIM from
+`skimage.metrics.structural_similarity(channel_axis=2, data_range=255)`; colour shift: the mean
+of reconstruction minus original per channel (R, G, B), in 8-bit code values.
+
+| image | size | PSNR (dB) | SSIM | mean shift R, G, B (/255) |
+|---|---|---|---|---|
+{table(m['heldout'])}
+| **mean** | | **{m['mean_psnr']:.2f}** | **{m['mean_ssim']:.4f}** | largest {m['max_colour_shift']:.2f} |
+
+{tried_block}
+![before and after](before_after.jpg)
+
+![reconstructions](reconstructions.png)
+
+## Tried, not shipped, and what the runs showed
+
+`scripts/train_small_vae.py` now has what issue 17 asked for: photos from the Debian packages
+{', '.join(f'`{k}` {v}' for k, v in m['debian_packages'].items())} (fetched with `--fetch-data`), crops at four scales
+and flips, a milder or a full-circle chroma jitter, an 8x8 block colour/chroma L1 term beside L1
+and edges, bf16 autocast (1.3-1.7x faster per step here), EMA weights, fp16 export. On a 2-core
+machine shared with ~8 jobs (steps of 0.25 s alone took 1-2 s), these runs were measured, each on
+one thread:
+
+- a wider (32, 64, 96, 96) model (2.36 M, 4.7 MB in fp16) from scratch: 1000 steps in 21 min,
+  18.1 dB mean held-out PSNR, almost no chroma (sepia). Stopped.
+- the first model fine-tuned on 64-128 px crops with the mild jitter: step 1000, 19.9 dB mean,
+  green lost on held-out photos (up to -49/255) while training photos kept their colours.
+- the same on 128-256 px crops: 20.1 dB mean at step 1000, then worse (19.9 dB, -51/255 at 2000). Stopped.
+- the same with the full-circle jitter: the "tried" model above.
+
+What they showed: reconstructed in 64 px tiles, the held-out cat keeps its colours with these
+very weights (25.06 dB, mean shift +1.2, +0.9, +1.8); whole, it loses green (-17/255). Training
+photos reconstruct whole without a cast. So the casts are a failure to generalise colour from
+whole-image context (GroupNorm statistics and the mid-block attention see the whole image;
+skipping the decoder's attention alone recovers 2.8 dB on the cat in the 64-128 px fine-tune)
+learned on too few images. Next: many more photos (hundreds, not 24), whole-image or 256-512 px
+training crops, and the full-circle chroma jitter from the start, in a run of several hours.
+The held-out photos were looked at to make these choices.
+
+## Data and licences
+
+skimage.data images from the scikit-image {m['skimage']} wheel, licences and sources as its
+docstrings state them. Debian photos: licences and copyright holders as each package's
+`/usr/share/doc/PACKAGE/copyright` states them; they are not part of this repository.
+
+Used to train these weights: the ten skimage.data "train" images below. Used only by the runs
+tried (with the skimage ones):
+
+| image | licence | source |
+|---|---|---|
+{licence_rows('train')}
+
+Held out:
+
+| image | licence | source |
+|---|---|---|
+{licence_rows('test')}
+
+## Limits
+
+- Small and briefly trained on ten images: blurry fine texture, a pink/magenta cast on whole
+  photos. Do not judge a tiling or loading method by its absolute quality; compare methods
+  against its own untiled output.
+- Not compatible with any Stable Diffusion, SDXL, SD3 or FLUX model: its latent space is its own.
+- For demos and tests only.
+"""
+    (out / "MODEL_CARD.md").write_text(text)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None,
@@ -663,21 +1038,53 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimisation steps")
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
     ap.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch CPU threads")
-    ap.add_argument("--smoke", action="store_true", help="one step on 32 px crops, for CI (seconds)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="one step on 32 px crops of the skimage.data images only, for CI (seconds)")
+    ap.add_argument("--fetch-data", action="store_true",
+                    help="first download and unpack the Debian photo packages into $AKL_TRAIN_DATA "
+                         "(default outputs/train_data) with apt-get download / dpkg-deb -x")
+    ap.add_argument("--no-debian", action="store_true", help="train and test on the skimage.data images only")
+    ap.add_argument("--fp32", action="store_true", help="train in fp32 (no bf16 autocast)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="fine-tune from this single-file model of the same architecture (the shipped model "
+                         "starts from the first demo model, git 2d26bec)")
+    ap.add_argument("--full-hue", action="store_true",
+                    help="colour jitter at any hue angle on half the colour crops (the first model's)")
+    ap.add_argument("--repackage", type=Path, default=None,
+                    help="skip training: re-export this single-file model as the shipped file (fp16, family "
+                         "'demo') and re-score it, keeping the training facts of OUT/metrics.json")
+    ap.add_argument("--tried", type=Path, default=None,
+                    help="with --repackage: a checkpoint of a model not shipped, scored and drawn beside it")
+    ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW peak learning rate")
+    ap.add_argument("--before", type=Path, default=None,
+                    help="the model this one replaces (e.g. `git show 2d26bec:models/vae/"
+                         "autoencoderkl-demo-f8.safetensors > first.safetensors`): scored on the card and "
+                         "drawn in OUT/before_after.jpg")
     ap.add_argument("--export-from", type=Path, default=None,
                     help="skip training: re-export a checkpoint written by an earlier run (e.g. after the "
                          "loaders changed); card/plot use OUT/train_log.csv")
     args = ap.parse_args(argv)
 
-    cfg = TrainConfig(steps=args.steps, minutes=args.minutes, seed=args.seed, threads=args.threads)
+    cfg = TrainConfig(steps=args.steps, minutes=args.minutes, seed=args.seed, threads=args.threads,
+                      debian=not (args.no_debian or args.smoke), bf16=not args.fp32,
+                      init=str(args.init or ""), lr=args.lr, full_hue=args.full_hue)
     if args.smoke:
         cfg = dataclasses.replace(cfg, steps=1, phases=((0.0, 32, 2),), eval_every=1, eval_max_side=64)
+    if args.fetch_data:
+        images.fetch_debian()
     out = args.out or (Path(tempfile.mkdtemp(prefix="small-vae-smoke-")) if args.smoke else ROOT / "models")
     out.mkdir(parents=True, exist_ok=True)
     work = args.work or (out / "work" if args.smoke else ROOT / "outputs" / "train_small_vae")
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
 
+    if args.repackage is not None:
+        before_metrics = work / "repackaged_from_metrics.json"
+        shutil.copy(out / "metrics.json", before_metrics)
+        metrics = repackage(args.repackage, out, before_metrics, args.tried)
+        print(json.dumps({k: metrics[k] for k in ("weights_relpath", "weights_bytes", "mean_psnr", "min_psnr",
+                                                   "max_colour_shift")}))
+        return 0
     if args.export_from is not None:
         vae = load_checkpoint(args.export_from)
         meta = {}
@@ -685,17 +1092,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         with safe_open(str(args.export_from), framework="pt") as f:
             meta = json.loads(f.metadata().get("train", "{}"))
-        with open(out / "train_log.csv") as fh:
+        log = work / "train_log.csv" if (work / "train_log.csv").is_file() else out / "train_log.csv"
+        with open(log) as fh:
             rows = [dict(r) for r in csv.DictReader(fh)]
         for r in rows:
             r["step"] = int(r["step"])
-            for k in ("loss_ema", "l1_ema", "edge_ema", "kl_ema"):
+            for k in EMA_KEYS:
                 r[k] = float(r[k])
-        shutil.copy(out / "train_log.csv", work / "train_log.csv")
-        metrics = finish(vae, out, work, cfg, int(meta.get("steps", rows[-1]["step"])), float(meta.get("wall_s", 0)), rows)
+        if log != work / "train_log.csv":
+            shutil.copy(log, work / "train_log.csv")
+        metrics = finish(vae, out, work, cfg, int(meta.get("steps", rows[-1]["step"])), float(meta.get("wall_s", 0)), rows,
+                         args.before)
     else:
         vae, steps, wall, rows = train(cfg, work, work / "train_log.csv")
-        metrics = finish(vae, out, work, cfg, steps, wall, rows)
+        metrics = finish(vae, out, work, cfg, steps, wall, rows, args.before)
     print(json.dumps({k: metrics[k] for k in ("weights_relpath", "weights_bytes", "params", "steps", "wall_s",
                                                "scaling_factor", "mean_psnr", "mean_ssim")}))
     print(f"wrote {out}")

@@ -37,6 +37,9 @@ FAMILIES = {
     "playground-v2-5": LatentFormat("playground-v2-5", "Playground v2.5", 4, 0.5, None, 1024,
                                     latents_mean=(-1.6574, 1.886, -1.383, 2.5155),
                                     latents_std=(8.4927, 5.9022, 6.5498, 5.2299)),
+    # the shipped demo VAE (models/MODEL_CARD.md): its own latent space, not SD-compatible;
+    # 1/std of its posterior samples over its training images, no shift
+    "demo": LatentFormat("demo", "demo (not SD-compatible)", 4, 0.18154, None, 256),
 }
 
 # Accepted spellings of family names.
@@ -47,6 +50,7 @@ _ALIASES = {
     "flux": "flux", "flux1": "flux", "flux.1": "flux",
     "playgroundv25": "playground-v2-5", "playground2.5": "playground-v2-5", "playgroundv2.5": "playground-v2-5",
     "playground": "playground-v2-5", "pgv25": "playground-v2-5",
+    "demo": "demo",
 }
 
 
@@ -59,5 +63,5 @@ def get_family(name: str) -> LatentFormat:
 
 def describe_channels(channels: int) -> str:
     """Which families use `channels` latent channels, for error messages."""
-    names = [f.label for f in FAMILIES.values() if f.latent_channels == channels]
+    names = [f.label for f in FAMILIES.values() if f.latent_channels == channels and f.name != "demo"]
     return "/".join(n.split("/")[0] if "/" in n and len(names) > 1 else n for n in names) if names else "unknown family"

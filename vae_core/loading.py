@@ -31,6 +31,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model"
 CONFIG_NAME = "config.json"
 META_CONFIG = "vae_core.config"
 META_FAMILY = "vae_core.family"
+META_DESCRIPTION = "vae_core.description"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _CONTAINER_NAMES = {"safetensors": "safetensors file", "zip-pickle": "torch zip checkpoint (torch.save)",
                     "pickle": "legacy torch pickle"}
@@ -337,6 +338,8 @@ def from_state_dict(cls, sd: Dict[str, torch.Tensor], config: Any = None, family
         "config_origin": cfg_origin,
         "source": source,
     }
+    if metadata and metadata.get(META_DESCRIPTION):  # what the file says it is, for the model card
+        model.info["description"] = str(metadata[META_DESCRIPTION])
     return model
 
 

@@ -207,6 +207,7 @@ export function cardRows(card) {
     ["Format", [card.format, card.layout && `${card.layout} keys`].filter(Boolean).join(", ") || "unknown"],
   ];
   if (card.attention) rows.push(["Attention", String(card.attention)]);
+  if (card.description) rows.push(["About", String(card.description)]);  // the file's own description
   return rows;
 }
 

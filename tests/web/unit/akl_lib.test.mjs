@@ -87,6 +87,16 @@ test("card rows give family, channels, factors, dtype, parameters and format", (
   assert.equal(rows.Attention, "sdpa");
 });
 
+test("card rows show the file's own description, and no About row without one", () => {
+  const base = { family: "demo", latent_channels: 4, scaling_factor: 0.5, shift_factor: null, dtype: "fp32",
+                 parameters: 10, format: "safetensors", layout: "ldm" };
+  const about = "Demo/test VAE; not SD-compatible.";
+  const rows = Object.fromEntries(cardRows({ ...base, description: about }));
+  assert.equal(rows.Family, "demo");
+  assert.equal(rows.About, about);
+  assert.equal(Object.fromEntries(cardRows(base)).About, undefined);
+});
+
 test("grid rows say rows x columns, overlap and estimated memory", () => {
   const rows = Object.fromEntries(gridRows(tileGrid(768, 1024, 256, 32)));
   assert.equal(rows.Grid, "4 × 5 (20 tiles)");
