@@ -29,10 +29,21 @@ TITLES = {"akl_round_trip": "Round trip", "akl_tiled_round_trip": "Tiled round t
 
 
 def _grid():
-    spec = importlib.util.spec_from_file_location("akl_grid", ROOT / "nodes" / "grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """nodes/grid.py without the host: it imports ..vae_core.memory, so the pack is imported as a
+    package (its __init__ registers no nodes without the host) with nodes/ as a bare package."""
+    import sys
+    import types
+
+    pack = "akl_thumbnails_pack"
+    if pack not in sys.modules:
+        spec = importlib.util.spec_from_file_location(pack, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[pack] = module
+        spec.loader.exec_module(module)
+        nodes = types.ModuleType(f"{pack}.nodes")
+        nodes.__path__ = [str(ROOT / "nodes")]
+        sys.modules[f"{pack}.nodes"] = nodes
+    return importlib.import_module(f"{pack}.nodes.grid")
 
 
 def run_template(srv: ComfyServer, name: str) -> Image.Image:
