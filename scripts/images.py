@@ -161,3 +161,13 @@ def center_crop_multiple(arr: np.ndarray, multiple: int = 8) -> np.ndarray:
     nh, nw = h - h % multiple, w - w % multiple
     top, left = (h - nh) // 2, (w - nw) // 2
     return arr[top : top + nh, left : left + nw]
+
+
+if __name__ == "__main__":
+    # `python scripts/images.py --fetch-debian`: unpack the pinned Debian photo packages (the demo
+    # model's training photos and two of its held-out photos) into data_dir(), as --fetch-data does.
+    import sys
+
+    if sys.argv[1:] != ["--fetch-debian"]:
+        raise SystemExit("usage: python scripts/images.py --fetch-debian")
+    print(f"[images] Debian photos in {fetch_debian()}")
