@@ -155,6 +155,24 @@ def _first(keys: List[str], n: int = 5) -> str:
     return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
+def fit_problems(expected: Dict[str, tuple], got: Dict[str, tuple], noun: str = "keys") -> List[str]:
+    """What keeps weights `got` (name -> shape) from fitting a model's `expected` (name -> shape): the
+    first missing and unexpected names and wrong shapes, as message parts; empty when they fit. Shared by
+    the torch loader and the Flax twin's params check."""
+    label = f" {noun}" if noun else ""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    wrong = [f"{k} {got[k]} (expected {expected[k]})" for k in expected if k in got and got[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing{label}: {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected{label}: {_first(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shapes: {_first(wrong, 3)}")
+    return problems
+
+
 # -- extracting the VAE from whatever the file holds ---------------------------------------
 
 

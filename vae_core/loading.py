@@ -203,18 +203,8 @@ def _check_tensors(sd: Dict[str, torch.Tensor], source: str) -> None:
 def _load_strict(model, sd: Dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict=True), with a message that names the first offending keys."""
     # keep_vars: names and shapes only (a plain state_dict() copies every channels_last weight to NCHW)
-    expected = model.state_dict(keep_vars=True)
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-             if k in sd and sd[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {convert._first(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {convert._first(unexpected)}")
-    if wrong:
-        problems.append(f"wrong shapes: {convert._first(wrong, 3)}")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    problems = convert.fit_problems(expected, {k: tuple(v.shape) for k, v in sd.items()})
     if problems:
         raise VAELoadError(f"{source}: weights do not fit the VAE config ({'; '.join(problems)})")
     model.load_state_dict(sd, strict=True)

@@ -6,7 +6,7 @@ The Flax names are those diffusers 0.39's FlaxAutoencoderKL used, so params move
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
@@ -96,22 +96,9 @@ def params_to_state_dict(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:
 
 def check_params(params: Mapping[str, Any], expected: Mapping[Tuple[str, ...], Tuple[int, ...]], source: str) -> None:
     """Raise ValueError naming the first missing, unexpected or wrongly shaped leaves of `params`."""
-    got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    wrong = [f"{'/'.join(k)} {got[k]} (expected {tuple(v)})" for k, v in expected.items()
-             if k in got and got[k] != tuple(v)]
-    problems: List[str] = []
-    if missing:
-        problems.append(f"missing: {_first(['/'.join(k) for k in missing])}")
-    if unexpected:
-        problems.append(f"unexpected: {_first(['/'.join(k) for k in unexpected])}")
-    if wrong:
-        problems.append(f"wrong shapes: {_first(wrong, 3)}")
+    from ..convert import fit_problems  # the torch loader's check, on "/"-joined leaf names
+
+    got = {"/".join(k): tuple(np.shape(v)) for k, v in flatten(params).items()}
+    problems = fit_problems({"/".join(k): tuple(v) for k, v in expected.items()}, got, noun="")
     if problems:
         raise ValueError(f"{source}: params do not fit the VAE config ({'; '.join(problems)})")
-
-
-def _first(items: List[str], n: int = 5) -> str:
-    shown = ", ".join(repr(k) for k in items[:n])
-    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
