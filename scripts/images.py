@@ -27,7 +27,8 @@ class SampleImage:
 
 
 # Debian bookworm packages the photos come from, pinned (apt-get download PKG=VERSION).
-DEBIAN_PACKAGES: Dict[str, str] = {"mate-backgrounds": "1.26.0-1", "lomiri-wallpapers-20.04": "20.04.0-2"}
+DEBIAN_PACKAGES: Dict[str, str] = {"mate-backgrounds": "1.26.0-1", "lomiri-wallpapers-20.04": "20.04.0-2",
+                                   "lomiri-wallpapers-16.04": "20.04.0-2"}
 # Where the packages are unpacked: $AKL_TRAIN_DATA, else outputs/train_data (git-ignored).
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "outputs" / "train_data"
 
@@ -40,6 +41,18 @@ _LOMIRI_SRC = ("Debian lomiri-wallpapers-20.04 20.04.0-2 "
 def _mate(name, split, holder, sub="nature", max_side=1024):
     return SampleImage(f"mate-{name.lower()}", split, f"GPL-2+ (copyright {holder}, per debian/copyright)",
                        _MATE_SRC + f"{sub}/{name}.jpg", max_side, "mate-backgrounds", f"{_MATE}{sub}/{name}.jpg")
+
+
+_LOMIRI16_SRC = ("Debian lomiri-wallpapers-16.04 20.04.0-2 "
+                 "(https://gitlab.com/ubports/development/core/lomiri-wallpapers), ")
+
+
+def _lomiri16(file, licence, holder, split="train", max_side=1024):
+    """A photo of the Ubuntu Touch 16.04 set; licence and holder as its debian/copyright states them."""
+    name = "lomiri16-" + file.split("_by_")[0].lower().replace("_", "-")
+    return SampleImage(name, split, f"{licence} (copyright {holder}, per debian/copyright)",
+                       _LOMIRI16_SRC + f"16.04/{file}", max_side, "lomiri-wallpapers-16.04",
+                       f"/usr/share/backgrounds/{file}")
 
 
 def _lomiri(name, file, split, holder, max_side=1024):
@@ -84,6 +97,22 @@ IMAGES: Tuple[SampleImage, ...] = (
     _lomiri("kleiber", "Kleiber_by_Lukas_Baubkus.jpg", "train", "2021 Lukas Baubkus"),
     _lomiri("infinite-sea", "Infinite-Sea_by_Aury88.jpg", "train", "2019 Aury88"),
     _lomiri("painting-colors", "Painting-Colors_by__herobrine7gamer.jpg", "train", "2021 HEROBRINE7GAMER"),
+    # the Ubuntu Touch 16.04 photos, added for the third demo model (more varied subjects)
+    _lomiri16("aitzgorri_by_Aitzol_Berasategi.jpg", "CC-BY-4.0", "2018 Aitzol Berasategi"),
+    _lomiri16("analogpattern_by_Peter_Nerlich.jpg", "CC-BY-SA-4.0", "2018 Peter Nerlich"),
+    _lomiri16("Bridge_by_Sander_Klootwijk.jpg", "CC-BY-SA-4.0", "2018 Sander Klootwijk"),
+    _lomiri16("Dragonfly_by_Bolly.jpg", "CC-BY-SA-4.0", '2018 "Bolly"'),
+    _lomiri16("free_by_Peter_Nerlich.jpg", "CC-BY-SA-4.0", "2018 Peter Nerlich"),
+    _lomiri16("friends_by_Aitzol_Berasategi.jpg", "CC-BY-4.0", "2018 Aitzol Berasategi"),
+    _lomiri16("greentock_by_Peter_Nerlich.jpg", "CC-BY-SA-4.0", "2018 Peter Nerlich"),
+    _lomiri16("life_by_Aitzol_Berasategi.jpg", "CC-BY-4.0", "2018 Aitzol Berasategi"),
+    _lomiri16("picosdeeuropa_by_Aitzol_Berasategi.jpg", "CC-BY-4.0", "2018 Aitzol Berasategi"),
+    _lomiri16("Picture_0B_by_freespace.jpg", "CC-BY-4.0", '2018 Trevor "Freespace"'),
+    _lomiri16("Picture_1A_by_freespace.jpg", "CC-BY-4.0", '2018 Trevor "Freespace"'),
+    _lomiri16("seeding_by_Clements_Engelhardt.jpg", "CC0-1.0", "2018 Clemens Engelhardt"),
+    _lomiri16("sunset_by_Aitzol_Berasategi.jpg", "CC-BY-4.0", "2018 Aitzol Berasategi"),
+    _lomiri16("umang_by_Abhishek_Mudgal.jpg", "CC-BY-4.0", "2018 Abhishek Mudgal"),
+    _lomiri16("Wine_by_Jakkub_Mede.jpg", "CC-BY-4.0", "2018 Jakub Mede"),
     _mate("LadyBird", "test", "2008 Charles Barbin", max_side=512),
     _mate("Dune", "test", "2007 Marco Cogoni, 2008 Hylke Bons", max_side=512),
     SampleImage("chelsea", "test", "CC0 (photographer Stefan van der Walt)", "scikit-image"),

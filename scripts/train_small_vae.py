@@ -123,7 +123,7 @@ class CropSampler:
 
     SCALES = (1.0, 0.7, 0.5, 0.35)
 
-    def __init__(self, names: List[str], rng: np.random.Generator, max_crop: int, full_hue: bool = False):
+    def __init__(self, names: List[str], rng: np.random.Generator, min_crop: int, full_hue: bool = False):
         from PIL import Image
 
         self.rng = rng
@@ -136,7 +136,7 @@ class CropSampler:
             levels = []
             for s in self.SCALES:
                 sh, sw = round(h * s), round(w * s)
-                if min(sh, sw) < max_crop:
+                if min(sh, sw) < min_crop:
                     continue
                 small = arr if s == 1.0 else np.asarray(Image.fromarray(arr).resize((sw, sh), Image.LANCZOS))
                 levels.append(to_tensor(small))
@@ -150,8 +150,12 @@ class CropSampler:
     def batch(self, crop: int, size: int) -> torch.Tensor:
         out = []
         for _ in range(size):
-            i = self.rng.choice(len(self.pyramids), p=self.weights)
-            level = self.pyramids[i][self.rng.integers(len(self.pyramids[i]))]
+            while True:  # an image too small for this crop (e.g. coins, 303 px, for 320 px crops) is redrawn
+                i = self.rng.choice(len(self.pyramids), p=self.weights)
+                fits = [lv for lv in self.pyramids[i] if min(lv.shape[1:]) >= crop]
+                if fits:
+                    break
+            level = fits[self.rng.integers(len(fits))]
             _, h, w = level.shape
             top, left = self.rng.integers(h - crop + 1), self.rng.integers(w - crop + 1)
             x = level[:, top : top + crop, left : left + crop]
@@ -533,7 +537,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
 - {('Initialised from the first demo model (git 2d26bec, `' + m['init'] + '`: the same architecture, trained 18 min from scratch on skimage.data by this script at that commit), then fine-tuned here. ') if m.get('init') else 'From random weights. '}
   AdamW, lr {m.get('lr', TrainConfig.lr):g} (warm-up {TrainConfig.warmup} steps, cosine to {TrainConfig.lr_final:g}),
   weight decay {TrainConfig.weight_decay:g}, gradient-norm clip 1; crops (px x batch) by progress:
-  {', '.join(f'{c}x{b} from {int(p * 100)}%' for p, c, b in TrainConfig.phases)}.
+  {', '.join(f'{c}x{b} from {int(p * 100)}%' for p, c, b in m.get('phases', TrainConfig.phases))}.
   Forward pass under {'bf16 autocast (fp32 master weights, loss in fp32)' if m.get('bf16_autocast') else 'fp32'}.
 - {m['steps']} steps (of {m['steps_target']} asked, cap {m['minutes']:g} min) in {m['wall_s'] / 60:.1f} min,
   torch threads: {m['threads']} (torch {m['torch']}), seed {m['seed']}, on a 2-core machine shared
@@ -680,8 +684,8 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
     noise = torch.Generator().manual_seed(cfg.seed + 1)
-    max_crop = max(p[1] for p in cfg.phases)
-    sampler = CropSampler(images.names("train", cfg.debian), rng, max_crop, cfg.full_hue)
+    min_crop = min(p[1] for p in cfg.phases)  # levels smaller than every crop are dropped
+    sampler = CropSampler(images.names("train", cfg.debian), rng, min_crop, cfg.full_hue)
     heldout = heldout_images(cfg.eval_max_side, cfg.debian)
 
     vae = AutoencoderKL(**MODEL_CONFIG)
@@ -811,6 +815,7 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
         "init": Path(cfg.init).name if cfg.init else None,
         "debian_packages": dict(images.DEBIAN_PACKAGES) if cfg.debian else {},
         "eval_max_side": cfg.eval_max_side,
+        "phases": [list(p) for p in cfg.phases],
     }
     if before is not None:  # the model this one replaces, on the same held-out photos
         old = AutoencoderKL.from_single_file(before).eval()
@@ -1027,6 +1032,18 @@ Held out:
     (out / "MODEL_CARD.md").write_text(text)
 
 
+def parse_crops(text: str) -> tuple:
+    """"0:192x1,0.3:256x1" -> ((0.0, 192, 1), (0.3, 256, 1)): crop px and batch from each progress on."""
+    phases = []
+    for part in text.split(","):
+        start, size = part.split(":")
+        px, batch = size.lower().split("x")
+        phases.append((float(start), int(px), int(batch)))
+    if not phases or phases[0][0] != 0.0 or any(p[1] % 8 or p[1] <= 0 or p[2] <= 0 for p in phases):
+        raise SystemExit(f"--crops {text!r}: phases must start at 0, crops be positive multiples of 8")
+    return tuple(sorted(phases))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None,
@@ -1055,6 +1072,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "'demo') and re-score it, keeping the training facts of OUT/metrics.json")
     ap.add_argument("--tried", type=Path, default=None,
                     help="with --repackage: a checkpoint of a model not shipped, scored and drawn beside it")
+    ap.add_argument("--crops", default=None,
+                    help="crop schedule as START:PXxBATCH,... by progress, e.g. 0:192x1,0.3:256x1,0.6:320x1 "
+                         "(default: the TrainConfig phases)")
     ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW peak learning rate")
     ap.add_argument("--before", type=Path, default=None,
                     help="the model this one replaces (e.g. `git show 2d26bec:models/vae/"
@@ -1068,6 +1088,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, seed=args.seed, threads=args.threads,
                       debian=not (args.no_debian or args.smoke), bf16=not args.fp32,
                       init=str(args.init or ""), lr=args.lr, full_hue=args.full_hue)
+    if args.crops:
+        cfg = dataclasses.replace(cfg, phases=parse_crops(args.crops))
     if args.smoke:
         cfg = dataclasses.replace(cfg, steps=1, phases=((0.0, 32, 2),), eval_every=1, eval_max_side=64)
     if args.fetch_data:
