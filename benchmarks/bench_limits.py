@@ -10,8 +10,12 @@ and matmuls as run, so our sub-pixel upsampling counts its smaller convs). Not a
     python benchmarks/bench_limits.py --sizes 256 512 --dtypes fp32 bf16
     python benchmarks/bench_limits.py --device cuda --sizes 1024 --dtypes fp32 fp16 bf16 --compile
 
-Every measurement runs in a fresh subprocess; memory is the peak over the first (cold) call:
-VmHWM - VmRSS on the CPU (Linux clear_refs), torch.cuda.max_memory_allocated on CUDA.
+Every measurement runs in a fresh subprocess; memory is the peak of live tensor bytes over the
+first (cold) call: torch.cuda.max_memory_allocated on CUDA; on the CPU the same count from torch's
+own allocator events (torch.profiler with profile_memory: every tensor allocation and free, summed
+in order), in a second process per case, so the profiler does not touch the times. Resident-set
+peaks (VmHWM) are not used: a cold call may reuse heap that building the weights left free, or not,
+and on 2026-12-01 they differed by up to 2.5x between implementations for the same live bytes.
 """
 from __future__ import annotations
 
@@ -157,6 +161,20 @@ def child_main(spec: dict) -> None:
                     return int(line.split()[1]) * 1024
         return 0
 
+    def live_peak(fn) -> int:
+        """Peak of live tensor bytes during fn(), from the allocator's events in order."""
+        from torch.profiler import profile
+
+        with profile(profile_memory=True) as prof:
+            fn()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        live = peak = 0
+        for _, nbytes in events:
+            live += nbytes
+            peak = max(peak, live)
+        return peak
+
     results = []
     for op, size, dtype_name, compiled in spec["cases"]:
         res = dict(op=op, size=size, dtype=dtype_name, compiled=compiled)
@@ -173,6 +191,10 @@ def child_main(spec: dict) -> None:
                     with open("/proc/self/clear_refs", "w") as f:
                         f.write("5")
                     base = status("VmRSS")
+                if spec.get("memory_only") and device == "cpu":
+                    res["peak_bytes"] = live_peak(fn)
+                    results.append(res)
+                    continue
                 sync()
                 t = time.perf_counter()
                 out = fn()
@@ -206,8 +228,9 @@ def child_main(spec: dict) -> None:
     print(json.dumps(results))
 
 
-def _child(args: List[str], timeout: Optional[float] = None) -> Any:
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+def _child(args: List[str], timeout: Optional[float] = None, env: Optional[Dict[str, str]] = None) -> Any:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
         return {"error": tail}
@@ -237,6 +260,14 @@ def measure(impl: str, cases: List[Tuple[str, int, str, bool]], device: str, rep
             results.update({tuple(c): dict(out) for c in group})
             continue
         results.update({(r["op"], r["size"], r["dtype"], r["compiled"]): r for r in out})
+        if device == "cpu":
+            # the memory figure: the same cold call where every allocation is its own mapping
+            mem = _child([os.path.abspath(__file__), "--child", json.dumps({**spec, "memory_only": True})])
+            for r in mem if isinstance(mem, list) else []:
+                key = (r["op"], r["size"], r["dtype"], r["compiled"])
+                if key in results and "peak_bytes" in r and "error" not in results[key]:
+                    results[key]["peak_bytes"] = r["peak_bytes"]
+                    results[key]["peak_kind"] = "live"
     return results
 
 
@@ -273,7 +304,9 @@ def run(sizes: List[int], dtypes: List[str], ops: List[str], impls: List[str], d
                 a, b = torch.load(r["output_path"]), torch.load(ref["output_path"])
                 if a.shape == b.shape:
                     r["max_err_vs_fp32"] = float((a - b).abs().max())
-    print("share = executed FLOPs / best time / conv peak of that dtype. Ratio columns are ours / this row "
+    print("share = executed FLOPs / best time / conv peak of that dtype. peak MiB: the cold call's peak of live "
+          "tensor bytes (on the CPU from torch's allocator events; see the module docstring). "
+          "Ratio columns are ours / this row "
           "(below 1.0: ours is faster or smaller); on the ours-node row they are our node / the host's node.")
     header = ("| op | size | dtype | impl | first s | best s | GFLOP executed | GFLOP/s | share of peak | "
               "peak MiB | max err vs fp32 | ours/this time | ours/this mem |")

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from . import memory
 from .attention import Attention, AttnProcessorBase, attention_progress, bounded_processor, progress_steps
-from .layers import ResnetBlock2D, subpixel_weights
+from .layers import ResnetBlock2D, subpixel_phases, subpixel_weights
 from .norm import GroupStats, apply_group_norm
 
 logger = logging.getLogger(__name__)
@@ -187,18 +187,11 @@ class UpNode(Node):
         t, have = ins[0]  # low-res input on clip(lo grown by 1)
         lo = self._low(r)
         n, m = lo[1] - lo[0], lo[3] - lo[2]
-        # padding=1 supplies the zero row/col where `have` was clipped at the border; conv output
-        # row j uses input rows (have[0]-1+j, have[0]+j): we want taps from lo[0]-1, i.e. j0 below
-        y = F.conv2d(t.to(self.weight.dtype), self.weight, self.bias, padding=1)
         j0, k0 = lo[0] - have[0], lo[2] - have[2]
-        y = y[:, :, j0 : j0 + n + 1, k0 : k0 + m + 1]  # (B, 4C, n+1, m+1)
-        b, c = y.shape[0], self.channels
-        y = y.reshape(b, 2, 2, c, n + 1, m + 1)
-        out = torch.empty((b, c, 2 * n, 2 * m), dtype=y.dtype, device=y.device, memory_format=_format_of(t))
-        for a in range(2):
-            for bb in range(2):
-                out[:, :, a::2, bb::2] = y[:, a, bb, :, a : a + n, bb : bb + m]
-        del y
+        # padding by 1 supplies the zero row/col where `have` was clipped at the border; padded
+        # row j0 holds the tap above output row 0 (input row lo[0]-1)
+        out = subpixel_phases(F.pad(t.to(self.weight.dtype), (1, 1, 1, 1)), self.weight, self.bias, j0, k0, n, m,
+                              _format_of(t))
         have = (2 * lo[0], 2 * lo[1], 2 * lo[2], 2 * lo[3])
         return _crop(out, have, r)
 

@@ -5,7 +5,7 @@ Attention lives in `attention.py`; the encoder/decoder wiring in `model.py`.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,41 @@ def checkpointed(owner: nn.Module, block: nn.Module, *args: torch.Tensor) -> tor
     return block(*args)
 
 
+def no_hooks(module: nn.Module) -> bool:
+    """No forward hooks on `module`, its children, or globally: nobody else can hold an
+    intermediate tensor, so inference may overwrite the ones that are dead."""
+    from torch.nn.modules import module as _m
+
+    if torch.compiler.is_compiling():  # a compiled graph plans its own buffers
+        return False
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def run_owned(owner: nn.Module, blocks: Iterable[nn.Module], box: List[torch.Tensor]) -> torch.Tensor:
+    """box.pop() through `blocks` in turn, as `h = checkpointed(owner, block, h)` would, but at
+    inference without hooks each block gets the only reference to its input (`consume`), so the
+    input is freed once the block's first layer has read it instead of when the block returns.
+    The caller hands its tensor over in `box` and keeps no reference. For an SD encoder at 256²
+    that is one 32 MiB activation less at the peak."""
+    owned = no_hooks(owner) and not (owner.gradient_checkpointing and torch.is_grad_enabled())
+    h = box.pop()
+    for block in blocks:
+        if owned:
+            box = [h]
+            del h
+            h = block.consume(box)
+        else:
+            h = checkpointed(owner, block, h)
+    return h
+
+
+def norm_(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """norm(x), in place when `norm` is our GroupNorm and that is safe (see GroupNorm.forward_)."""
+    return norm.forward_(x) if isinstance(norm, GroupNorm) else norm(x)
+
+
 def group_norm(channels: int, groups: int) -> GroupNorm:
     return GroupNorm(num_groups=groups, num_channels=channels, eps=NORM_EPS, affine=True)
 
@@ -82,7 +117,8 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(self.act(self.norm1(x)))
-        h = self.conv2(self.act(self.norm2(h)))
+        # conv1's output is dead after norm2: at inference it is normalised in place (no new buffer)
+        h = self.conv2(self.act(norm_(self.norm2, h) if no_hooks(self) else self.norm2(h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         if h.requires_grad and torch.is_grad_enabled():
@@ -118,23 +154,39 @@ def subpixel_weights(conv: nn.Conv2d) -> Tuple[torch.Tensor, Optional[torch.Tens
     return k, bias
 
 
+def subpixel_phases(xp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], top: int, left: int,
+                    n: int, m: int, fmt: torch.memory_format) -> torch.Tensor:
+    """The (B, Cout, 2n, 2m) output of folded weights on the padded low-res input `xp`, whose
+    row `top`, column `left` holds the tap above-left of output pixel (0, 0).
+
+    One 2x2 conv per phase, each on its own (n+1, m+1) window, written straight into its pixels
+    of the output: no (B, 4*Cout, n+1, m+1) intermediate (which made the upsampler's peak hold
+    twice its output), and none of its discarded row and column. Each output value is the same
+    dot product as in the one-conv form; on this project's CPU the four convs are also 5-15% faster.
+    """
+    b = xp.shape[0]
+    c = weight.shape[0] // 4
+    w = weight.view(2, 2, c, *weight.shape[1:])
+    bs = None if bias is None else bias.view(2, 2, c)
+    out = torch.empty((b, c, 2 * n, 2 * m), dtype=xp.dtype, device=xp.device, memory_format=fmt)
+    for a in range(2):
+        for e in range(2):
+            window = xp[:, :, top + a : top + a + n + 1, left + e : left + e + m + 1]
+            out[:, :, a::2, e::2] = F.conv2d(window, w[a, e], None if bs is None else bs[a, e])
+    return out
+
+
 def subpixel_upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                            pad: Tuple[int, int, int, int] = (1, 1, 1, 1)) -> torch.Tensor:
     """conv3x3(nearest2x(x)) from folded weights: (B, Cin, n, m) -> (B, Cout, 2n, 2m).
 
     Costs 16 multiply-adds per low-res pixel and channel pair instead of 36.
     """
-    b, _, n, m = x.shape
+    n, m = x.shape[2:]
     c = weight.shape[0] // 4
-    y = F.conv2d(F.pad(x, pad), weight, bias)  # (B, 4*Cout, n+1, m+1)
-    y = y.view(b, 2, 2, c, n + 1, m + 1)
     # keep the input's memory format (channels_last on CPU) so the next conv needs no reorder
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and c > 1 else torch.contiguous_format
-    out = torch.empty((b, c, 2 * n, 2 * m), dtype=y.dtype, device=y.device, memory_format=fmt)
-    for a in range(2):
-        for e in range(2):
-            out[:, :, a::2, e::2] = y[:, a, e, :, a : a + n, e : e + m]
-    return out
+    return subpixel_phases(F.pad(x, pad), weight, bias, 0, 0, n, m, fmt)
 
 
 class Upsample2D(nn.Module):
@@ -178,6 +230,12 @@ class DownEncoderBlock2D(nn.Module):
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.consume([x])
+
+    def consume(self, box: List[torch.Tensor]) -> torch.Tensor:
+        """forward(box.pop()); a caller that hands over its only reference this way lets each
+        intermediate be freed as soon as the next layer has used it (see `run_owned`)."""
+        x = box.pop()
         for resnet in self.resnets:
             x = resnet(x)
         if self.downsamplers is not None:
@@ -197,6 +255,11 @@ class UpDecoderBlock2D(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.consume([x])
+
+    def consume(self, box: List[torch.Tensor]) -> torch.Tensor:
+        """forward(box.pop()), see DownEncoderBlock2D.consume."""
+        x = box.pop()
         for resnet in self.resnets:
             x = resnet(x)
         if self.upsamplers is not None:

@@ -19,7 +19,7 @@ from .attention import Attention, AttnProcessor, AttnProcessorBase, make_attn_pr
 from .config import AutoencoderKLConfig
 from .distribution import DiagonalGaussianDistribution, Generator
 from .layers import (DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D, checkpointed, get_activation,
-                     group_norm)
+                     group_norm, no_hooks, norm_, run_owned)
 from .outputs import AutoencoderKLOutput, DecoderOutput
 
 __all__ = ["AutoencoderKL", "AutoencoderKLOutput", "Decoder", "DecoderOutput", "Encoder"]
@@ -59,11 +59,10 @@ class Encoder(nn.Module):
         self._gradient_checkpointing_func: Optional[Callable] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(_like_weights(x, self.conv_in))
-        for block in self.down_blocks:
-            h = checkpointed(self, block, h)
+        h = run_owned(self, self.down_blocks, [self.conv_in(_like_weights(x, self.conv_in))])
         h = checkpointed(self, self.mid_block, h)
-        return self.conv_out(self.conv_act(self.conv_norm_out(h)))
+        h = norm_(self.conv_norm_out, h) if no_hooks(self) else self.conv_norm_out(h)  # h is dead after it
+        return self.conv_out(self.conv_act(h))
 
 
 class Decoder(nn.Module):
@@ -92,10 +91,11 @@ class Decoder(nn.Module):
         h = self.conv_in(_like_weights(z, self.conv_in))
         h = checkpointed(self, self.mid_block, h)
         # diffusers runs the up blocks in their parameter dtype (they may differ when upcast)
-        h = h.to(self.up_blocks[0].resnets[0].norm1.weight.dtype)  # their first parameter
-        for block in self.up_blocks:
-            h = checkpointed(self, block, h)
-        return self.conv_out(self.conv_act(self.conv_norm_out(h)))
+        box = [h.to(self.up_blocks[0].resnets[0].norm1.weight.dtype)]  # their first parameter
+        del h  # run_owned holds the only reference, so the blocks can free it early
+        h = run_owned(self, self.up_blocks, box)
+        h = norm_(self.conv_norm_out, h) if no_hooks(self) else self.conv_norm_out(h)  # h is dead after it
+        return self.conv_out(self.conv_act(h))
 
 
 # -- the model -----------------------------------------------------------------------

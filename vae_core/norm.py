@@ -82,7 +82,8 @@ class GroupStats:
         return mean, torch.rsqrt(m2 / total + eps)
 
 
-def apply_group_norm(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+def apply_group_norm(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, norm: nn.GroupNorm,
+                     inplace: bool = False) -> torch.Tensor:
     """(x - mean) * rstd * gamma + beta with (B, G) float64 statistics; the result has x's dtype and
     memory format.
 
@@ -90,6 +91,10 @@ def apply_group_norm(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, no
     kernel with mean 0, variance 1 and eps 0 (so its 1/sqrt(var + eps) is exactly 1): one fused
     multiply-add per element in fp32, rounded once to x's dtype, without fp32 temporaries for
     half-precision input (3-5x faster than the same sum spelt with addcmul and casts for bf16).
+
+    With `inplace` the result overwrites x (the same kernel through its out= form, so the numbers
+    are the same): no new buffer, which on the CPU also saves the page faults of a fresh one
+    (about 20 ms for a 32 MiB activation on this project's CPU, 5x the kernel itself).
     """
     b, c = x.shape[:2]
     g = norm.num_groups
@@ -106,6 +111,13 @@ def apply_group_norm(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, no
     shift = shift.reshape(b, c).to(acc)
     zero = torch.zeros(c, dtype=acc, device=x.device)
     one = torch.ones(c, dtype=acc, device=x.device)
+    if inplace:
+        unused = torch.empty(0, dtype=acc, device=x.device)
+        for i in range(b):  # statistics are per item; batch_norm's parameters are per channel
+            item = x[i : i + 1]
+            torch.ops.aten.native_batch_norm.out(item, scale[i], shift[i], zero, one, False, 0.0, 0.0,
+                                                 out=item, save_mean=unused, save_invstd=unused)
+        return x
     if b == 1:
         return F.batch_norm(x, zero, one, scale[0], shift[0], False, 0.0, 0.0)
     out = torch.empty_like(x)
@@ -129,3 +141,18 @@ class GroupNorm(nn.GroupNorm):
         stats.add(x)
         mean, rstd = stats.finish(self.eps)
         return apply_group_norm(x, mean, rstd, self)
+
+    def forward_(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) written into x where that is safe and gives the same numbers: inference on a
+        dense channels_last CPU tensor the caller no longer needs, with no hooks on this module.
+        Elsewhere it is forward(x)."""
+        if torch.compiler.is_compiling():  # a compiled graph plans its own buffers
+            return self(x)
+        if (x.device.type != "cpu" or torch.is_grad_enabled() or self._forward_hooks or self._forward_pre_hooks
+                or not x.is_contiguous(memory_format=torch.channels_last) or not _channels_last_strides(x)
+                or x.is_inference() != torch.is_inference_mode_enabled()):
+            return self(x)
+        stats = GroupStats(x.shape[0], self.num_groups)
+        stats.add(x)
+        mean, rstd = stats.finish(self.eps)
+        return apply_group_norm(x, mean, rstd, self, inplace=True)

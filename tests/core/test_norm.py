@@ -72,3 +72,61 @@ def test_half_precision_input_keeps_its_dtype():
     ref = F.group_norm(x.float().contiguous(), 4, gn.weight.float(), gn.bias.float(), 1e-6)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_forward_in_place_gives_the_same_numbers_in_the_same_buffer():
+    gn = _module()
+    for dtype in (torch.float32, torch.bfloat16):
+        for batch in (1, 2):
+            x = torch.cat([_offset_input(64, 48)] * batch).to(dtype).contiguous(memory_format=torch.channels_last)
+            for ctx in (torch.no_grad, torch.inference_mode):
+                with ctx():
+                    y = x.clone()
+                    ref = gn(x)
+                    out = gn.forward_(y)
+                assert out.data_ptr() == y.data_ptr(), (dtype, batch, ctx)
+                assert torch.equal(out, ref), (dtype, batch, ctx)
+
+
+def test_forward_in_place_falls_back_where_it_is_not_safe():
+    gn = _module()
+    x = _offset_input(64, 32)
+    with torch.no_grad():
+        ref = gn(x)
+        nchw = x.contiguous()
+        assert gn.forward_(nchw).data_ptr() != nchw.data_ptr()  # NCHW: torch's own kernel, a new tensor
+        crop = x[:, :, :, :16]  # a view into a caller's tensor that is not dense
+        assert gn.forward_(crop).data_ptr() != crop.data_ptr()
+    seen = []
+    handle = gn.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            y = x.clone()
+            out = gn.forward_(y)  # with a hook the module is called normally
+    finally:
+        handle.remove()
+    assert seen and out.data_ptr() != y.data_ptr() and torch.equal(y, x) and torch.equal(out, ref)
+    # with autograd the input is left alone (it is needed for the backward pass)
+    xg = x.clone().requires_grad_(True)
+    out = gn.forward_(xg)
+    assert out.data_ptr() != xg.data_ptr() and out.requires_grad
+
+
+def test_resnet_in_place_norm_leaves_hooked_intermediates_alone():
+    """A forward hook on conv1 keeps its output: the resnet must not normalise that tensor in place."""
+    from vae_core.layers import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(32, 32, 8).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 32, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        plain = block(x)
+        kept = []
+        handle = block.conv1.register_forward_hook(lambda m, i, o: kept.append(o))
+        try:
+            hooked = block(x)
+        finally:
+            handle.remove()
+        expected_conv1 = block.conv1(F.silu(block.norm1(x)))
+    assert torch.equal(plain, hooked)
+    assert torch.equal(kept[0], expected_conv1)
