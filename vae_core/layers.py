@@ -96,6 +96,44 @@ def norm_(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.forward_(x) if isinstance(norm, GroupNorm) else norm(x)
 
 
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def fused_add_ok(conv: nn.Conv2d, h: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether `conv_add_(conv, h, out)` can run as one oneDNN conv with a sum post-op: CPU
+    inference, fp32/bf16, dense channels_last tensors of one dtype, `out` shaped like the result."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or h.device.type != "cpu":
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    w = conv.weight
+    if h.dtype not in _FUSED_DTYPES or not (h.dtype == out.dtype == w.dtype) or conv.padding_mode != "zeros":
+        return False
+    if isinstance(conv.padding, str) or h.dim() != 4 or out.dim() != 4:
+        return False
+    if out.is_inference() != torch.is_inference_mode_enabled():
+        return False  # an inference tensor cannot be written outside inference mode, nor a normal one inside
+    cl = torch.channels_last
+    if not (h.is_contiguous(memory_format=cl) and out.is_contiguous(memory_format=cl) and h.shape[1] > 1
+            and out.shape[1] > 1):
+        return False
+    kh, kw = conv.kernel_size
+    (ph, pw), (sh, sw), (dh, dw) = conv.padding, conv.stride, conv.dilation
+    size = ((h.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (h.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    return tuple(out.shape) == (h.shape[0], conv.out_channels, *size)
+
+
+def conv_add_(conv: nn.Conv2d, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = conv(h) + out, in out's buffer, as one oneDNN convolution with a sum post-op (check
+    `fused_add_ok` first). It skips the conv's fresh output buffer (whose page faults cost about
+    as much as the add) and the separate add pass: 18% off a 128-channel 256² conv + add on this
+    project's CPU. fp32 results equal conv(h).add_(out) to the last bit or within one rounding;
+    bf16 ones round once instead of twice."""
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        out, h, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+        "add", 1.0, None, [], None)
+
+
 def group_norm(channels: int, groups: int) -> GroupNorm:
     return GroupNorm(num_groups=groups, num_channels=channels, eps=NORM_EPS, affine=True)
 
@@ -116,11 +154,23 @@ class ResnetBlock2D(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, owned=False)
+
+    def forward_owned(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) for a caller that never reads x again: its buffer may receive the result."""
+        return self._run(x, owned=True)
+
+    def _run(self, x: torch.Tensor, owned: bool) -> torch.Tensor:
+        private = no_hooks(self)  # no hook can hold an intermediate: dead ones may be overwritten
         h = self.conv1(self.act(self.norm1(x)))
         # conv1's output is dead after norm2: at inference it is normalised in place (no new buffer)
-        h = self.conv2(self.act(norm_(self.norm2, h) if no_hooks(self) else self.norm2(h)))
+        h = self.act(norm_(self.norm2, h) if private else self.norm2(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
+            owned = True  # a tensor of our own
+        if private and owned and fused_add_ok(self.conv2, h, x):
+            return conv_add_(self.conv2, h, x)
+        h = self.conv2(h)
         if h.requires_grad and torch.is_grad_enabled():
             return x + h
         return h.add_(x)  # same sum as x + h (addition commutes exactly), one buffer fewer
@@ -230,14 +280,19 @@ class DownEncoderBlock2D(nn.Module):
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.consume([x])
+        return self._run(x, owned=False)
 
     def consume(self, box: List[torch.Tensor]) -> torch.Tensor:
         """forward(box.pop()); a caller that hands over its only reference this way lets each
-        intermediate be freed as soon as the next layer has used it (see `run_owned`)."""
-        x = box.pop()
+        intermediate be freed as soon as the next layer has used it (see `run_owned`), and the
+        first resnet may write its result into the input's buffer."""
+        return self._run(box.pop(), owned=True)
+
+    def _run(self, x: torch.Tensor, owned: bool) -> torch.Tensor:
+        private = no_hooks(self)
         for resnet in self.resnets:
-            x = resnet(x)
+            x = resnet.forward_owned(x) if private and owned else resnet(x)
+            owned = True  # from here on x is a tensor of ours
         if self.downsamplers is not None:
             for down in self.downsamplers:
                 x = down(x)
@@ -255,13 +310,17 @@ class UpDecoderBlock2D(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.consume([x])
+        return self._run(x, owned=False)
 
     def consume(self, box: List[torch.Tensor]) -> torch.Tensor:
         """forward(box.pop()), see DownEncoderBlock2D.consume."""
-        x = box.pop()
+        return self._run(box.pop(), owned=True)
+
+    def _run(self, x: torch.Tensor, owned: bool) -> torch.Tensor:
+        private = no_hooks(self)
         for resnet in self.resnets:
-            x = resnet(x)
+            x = resnet.forward_owned(x) if private and owned else resnet(x)
+            owned = True  # from here on x is a tensor of ours
         if self.upsamplers is not None:
             for up in self.upsamplers:
                 x = up(x)
