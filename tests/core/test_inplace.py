@@ -85,3 +85,17 @@ def test_model_input_and_hooked_outputs_are_not_overwritten():
     # with hooks the resnets take the unfused conv, then add: fp32 rounding apart (about 2e-6 here)
     torch.testing.assert_close(hooked, plain, rtol=0, atol=1e-5)
     assert torch.equal(kept[0], kept[1]), "a tensor a hook kept was overwritten later in the forward"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_onednn_matches_the_module(dtype):
+    from vae_core.layers import conv_onednn, onednn_ok
+
+    for k, cin, cout in ((1, 32, 16), (3, 16, 16)):
+        conv = torch.nn.Conv2d(cin, cout, k, padding=k // 2).to(dtype).to(memory_format=CL)
+        x = _t(1, cin, 20, 24, dtype=dtype)
+        with torch.no_grad():
+            assert onednn_ok(conv, x) and not onednn_ok(conv, x.contiguous())
+            tol = 1e-5 if dtype == torch.float32 else 0.05
+            torch.testing.assert_close(conv_onednn(conv, x).float(), conv(x).float(), rtol=0, atol=tol)
+    assert not onednn_ok(conv, x)  # autograd on
