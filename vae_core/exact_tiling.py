@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from . import memory
 from .attention import Attention, AttnProcessorBase, attention_progress, bounded_processor, progress_steps
-from .layers import ResnetBlock2D, subpixel_phases, subpixel_weights
+from .layers import ResnetBlock2D, conv_onednn, onednn_ok, subpixel_phases, subpixel_weights
 from .norm import GroupStats, apply_group_norm
 
 logger = logging.getLogger(__name__)
@@ -226,7 +226,11 @@ class AddNode(Node):
     def compute(self, ins, r):
         h, x = ins
         if self.shortcut is not None:
-            x = F.conv2d(x.to(self.shortcut.weight.dtype), self.shortcut.weight, self.shortcut.bias)
+            sc = self.shortcut
+            x = x.to(sc.weight.dtype)
+            dense = x.contiguous(memory_format=torch.channels_last) if _format_of(x) == torch.channels_last else x
+            # torch sends channels_last 1x1 convs down its slow path; oneDNN directly where it can
+            x = conv_onednn(sc, dense) if onednn_ok(sc, dense) else F.conv2d(x, sc.weight, sc.bias)
         return h.add_(x)
 
 
