@@ -158,8 +158,13 @@ class AutoencoderKLVAE(comfy.sd.VAE):
         self.core = core
         self.first_stage_model = KLRunner(core).eval()
         self.output_device = mm.intermediate_device()
+        # The weights' bytes, counted without state_dict(): the core hands out NCHW copies of its
+        # channels_last conv weights there (diffusers' contract), so the host's module_size() would
+        # copy every weight (+300 MiB for an SD VAE, on each first load) just to count them.
+        self.size = sum(t.numel() * t.element_size()
+                        for t in self.first_stage_model.state_dict(keep_vars=True).values())
         self.patcher = comfy.model_patcher.ModelPatcher(self.first_stage_model, load_device=self.device,
-                                                        offload_device=offload_device)
+                                                        offload_device=offload_device, size=self.size)
         if hasattr(self.patcher, "cached_patcher_init"):  # the newest host clones for other devices with it
             self.patcher.cached_patcher_init = (patcher_for, (core, name, self.vae_dtype, self.device))
         # The attention processors this object runs with; applied before every call because

@@ -213,3 +213,31 @@ def test_our_loader_builds_what_the_hosts_cannot(host, nc, tiny_file):
     sd = comfy.utils.load_torch_file(str(tiny_file))
     with pytest.raises(Exception):
         comfy.sd.VAE(sd=sd)  # the host only builds the SD layout (ch=128)
+
+
+def test_the_host_counts_our_weights_without_copying_them(host, nc, pack, loader, image):
+    """The host's module_size() reads state_dict(), where the core hands out NCHW copies of its
+    channels_last weights; our VAE tells the host its size instead, so building, loading and
+    running it never builds those copies (for an SD VAE they are 300 MiB)."""
+    import copy
+
+    import comfy.model_management as mm
+
+    core = copy.deepcopy(loader.core)
+    calls = []
+    real = type(core).state_dict
+
+    def counting(self, *args, **kwargs):
+        if self is core:
+            calls.append(kwargs.get("keep_vars", False))
+        return real(self, *args, **kwargs)
+
+    try:
+        type(core).state_dict = counting
+        vae = pack.nodes.vae_object.AutoencoderKLVAE(core, name="fresh")
+        mm.load_models_gpu([vae.patcher], force_full_load=True)
+        nc.AutoencoderKLEncode().encode(image[..., :3], vae)
+    finally:
+        type(core).state_dict = real
+    assert all(calls), f"state_dict() copied the weights {calls.count(False)} times while loading and encoding"
+    assert vae.patcher.model_size() == vae.model_size() == mm.module_size(vae.first_stage_model)
