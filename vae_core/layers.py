@@ -173,15 +173,26 @@ class ResnetBlock2D(nn.Module):
         """forward(x) for a caller that never reads x again: its buffer may receive the result."""
         return self._run(x, owned=True)
 
+    def _shortcut(self, x: torch.Tensor, private: bool) -> torch.Tensor:
+        sc = self.conv_shortcut
+        return conv_onednn(sc, x) if private and onednn_ok(sc, x) else sc(x)
+
     def _run(self, x: torch.Tensor, owned: bool) -> torch.Tensor:
         private = no_hooks(self)  # no hook can hold an intermediate: dead ones may be overwritten
-        h = self.conv1(self.act(self.norm1(x)))
+        if self.conv_shortcut is not None and private and owned:
+            # the skip first: then x itself is dead and norm1 can normalise it in place, so the
+            # widest tensor of the block (its input) is never held twice
+            skip = self._shortcut(x, private)
+            h = self.conv1(self.act(norm_(self.norm1, x)))
+            del x
+            x = skip
+        else:
+            h = self.conv1(self.act(self.norm1(x)))
+            if self.conv_shortcut is not None:
+                x = self._shortcut(x, private)
+                owned = True  # a tensor of our own
         # conv1's output is dead after norm2: at inference it is normalised in place (no new buffer)
         h = self.act(norm_(self.norm2, h) if private else self.norm2(h))
-        if self.conv_shortcut is not None:
-            x = conv_onednn(self.conv_shortcut, x) if private and onednn_ok(self.conv_shortcut, x) \
-                else self.conv_shortcut(x)
-            owned = True  # a tensor of our own
         if private and owned and fused_add_ok(self.conv2, h, x):
             return conv_add_(self.conv2, h, x)
         h = self.conv2(h)
@@ -302,6 +313,10 @@ class DownEncoderBlock2D(nn.Module):
         first resnet may write its result into the input's buffer."""
         return self._run(box.pop(), owned=True)
 
+    def _shortcut(self, x: torch.Tensor, private: bool) -> torch.Tensor:
+        sc = self.conv_shortcut
+        return conv_onednn(sc, x) if private and onednn_ok(sc, x) else sc(x)
+
     def _run(self, x: torch.Tensor, owned: bool) -> torch.Tensor:
         private = no_hooks(self)
         for resnet in self.resnets:
@@ -329,6 +344,10 @@ class UpDecoderBlock2D(nn.Module):
     def consume(self, box: List[torch.Tensor]) -> torch.Tensor:
         """forward(box.pop()), see DownEncoderBlock2D.consume."""
         return self._run(box.pop(), owned=True)
+
+    def _shortcut(self, x: torch.Tensor, private: bool) -> torch.Tensor:
+        sc = self.conv_shortcut
+        return conv_onednn(sc, x) if private and onednn_ok(sc, x) else sc(x)
 
     def _run(self, x: torch.Tensor, owned: bool) -> torch.Tensor:
         private = no_hooks(self)
