@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = os.environ.get("AKL_HOST_DIR", os.path.join(ROOT, ".host", "ComfyUI"))
 
+from live_bytes import live_peak_bytes  # noqa: E402
 from sd_size import SD_CONFIG  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 IMPLS = ("ours", "diffusers", "host", "ours-node")
 
@@ -161,20 +162,6 @@ def child_main(spec: dict) -> None:
                     return int(line.split()[1]) * 1024
         return 0
 
-    def live_peak(fn) -> int:
-        """Peak of live tensor bytes during fn(), from the allocator's events in order."""
-        from torch.profiler import profile
-
-        with profile(profile_memory=True) as prof:
-            fn()
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]")
-        live = peak = 0
-        for _, nbytes in events:
-            live += nbytes
-            peak = max(peak, live)
-        return peak
-
     results = []
     for op, size, dtype_name, compiled in spec["cases"]:
         res = dict(op=op, size=size, dtype=dtype_name, compiled=compiled)
@@ -192,7 +179,7 @@ def child_main(spec: dict) -> None:
                         f.write("5")
                     base = status("VmRSS")
                 if spec.get("memory_only") and device == "cpu":
-                    res["peak_bytes"] = live_peak(fn)
+                    res["peak_bytes"] = live_peak_bytes(fn)
                     results.append(res)
                     continue
                 sync()

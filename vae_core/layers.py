@@ -215,18 +215,24 @@ class Downsample2D(nn.Module):
 # Row taps of a 3x3 kernel after nearest-2x upsampling: output row 2i reads low-res rows
 # (i-1, i, i) and output row 2i+1 reads (i, i, i+1); folding them gives a 2x2 kernel per phase.
 _PHASE_FOLD = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+_FOLD_CHUNK = 32  # output channels folded per step
 
 
 def subpixel_weights(conv: nn.Conv2d) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Fold a 3x3 conv that follows nearest-2x upsampling into one (4*Cout, Cin, 2, 2) conv on the
     low-res input; output channels are ordered (row phase, col phase, Cout). Folded in float64,
     so the only difference from the reference is fp32 summation order."""
-    w = conv.weight.detach().double()  # (Cout, Cin, 3, 3)
+    w = conv.weight.detach()  # (Cout, Cin, 3, 3)
+    cout, cin = w.shape[:2]
     fold = torch.tensor(_PHASE_FOLD, dtype=torch.float64, device=w.device)  # (phase, 2, 3)
-    k = torch.einsum("apk,oikl,bql->aboipq", fold, w, fold)  # (2, 2, Cout, Cin, 2, 2)
-    k = k.reshape(4 * w.shape[0], w.shape[1], 2, 2).to(conv.weight.dtype)
+    k = torch.empty((2, 2, cout, cin, 2, 2), dtype=w.dtype, device=w.device)
+    # a few output channels at a time, so the float64 temporaries stay small (for 512 channels
+    # the whole fold at once held about 70 MiB beyond the 16 MiB result)
+    for o in range(0, cout, _FOLD_CHUNK):
+        part = w[o : o + _FOLD_CHUNK].double()
+        k[:, :, o : o + _FOLD_CHUNK] = torch.einsum("apk,oikl,bql->aboipq", fold, part, fold).to(w.dtype)
     bias = None if conv.bias is None else conv.bias.detach().repeat(4)
-    return k, bias
+    return k.reshape(4 * cout, cin, 2, 2), bias
 
 
 def subpixel_phases(xp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], top: int, left: int,
