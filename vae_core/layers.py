@@ -300,15 +300,18 @@ class Upsample2D(nn.Module):
         return subpixel_upsample_conv(x.to(weight.dtype), weight, bias)
 
 
-class DownEncoderBlock2D(nn.Module):
-    """One encoder level: `num_layers` resnets, then an optional downsample."""
+class _ResnetStack(nn.Module):
+    """`num_layers` resnets, then an optional resampler: the body of the encoder's and the
+    decoder's levels. Subclasses name the resampler list as diffusers does."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str, add_downsample: bool):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str):
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn) for i in range(num_layers)
         )
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
+
+    def _samplers(self) -> Optional[nn.ModuleList]:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, owned=False)
@@ -319,51 +322,36 @@ class DownEncoderBlock2D(nn.Module):
         first resnet may write its result into the input's buffer."""
         return self._run(box.pop(), owned=True)
 
-    def _shortcut(self, x: torch.Tensor, private: bool) -> torch.Tensor:
-        sc = self.conv_shortcut
-        return conv_onednn(sc, x) if private and onednn_ok(sc, x) else sc(x)
-
     def _run(self, x: torch.Tensor, owned: bool) -> torch.Tensor:
         private = no_hooks(self)
         for resnet in self.resnets:
             x = resnet.forward_owned(x) if private and owned else resnet(x)
             owned = True  # from here on x is a tensor of ours
-        if self.downsamplers is not None:
-            for down in self.downsamplers:
-                x = down(x)
+        for sampler in self._samplers() or ():
+            x = sampler(x)
         return x
 
 
-class UpDecoderBlock2D(nn.Module):
+class DownEncoderBlock2D(_ResnetStack):
+    """One encoder level: `num_layers` resnets, then an optional downsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str, add_downsample: bool):
+        super().__init__(in_channels, out_channels, num_layers, groups, act_fn)
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
+
+    def _samplers(self) -> Optional[nn.ModuleList]:
+        return self.downsamplers
+
+
+class UpDecoderBlock2D(_ResnetStack):
     """One decoder level: `num_layers` resnets, then an optional upsample."""
 
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str, add_upsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn) for i in range(num_layers)
-        )
+        super().__init__(in_channels, out_channels, num_layers, groups, act_fn)
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x, owned=False)
-
-    def consume(self, box: List[torch.Tensor]) -> torch.Tensor:
-        """forward(box.pop()), see DownEncoderBlock2D.consume."""
-        return self._run(box.pop(), owned=True)
-
-    def _shortcut(self, x: torch.Tensor, private: bool) -> torch.Tensor:
-        sc = self.conv_shortcut
-        return conv_onednn(sc, x) if private and onednn_ok(sc, x) else sc(x)
-
-    def _run(self, x: torch.Tensor, owned: bool) -> torch.Tensor:
-        private = no_hooks(self)
-        for resnet in self.resnets:
-            x = resnet.forward_owned(x) if private and owned else resnet(x)
-            owned = True  # from here on x is a tensor of ours
-        if self.upsamplers is not None:
-            for up in self.upsamplers:
-                x = up(x)
-        return x
+    def _samplers(self) -> Optional[nn.ModuleList]:
+        return self.upsamplers
 
 
 class UNetMidBlock2D(nn.Module):
