@@ -1,0 +1,41 @@
+"""The CPU benchmark scripts run end to end at a toy size and print their rows. Their figures are
+never asserted (times drift with the machine); what is checked is what must hold at any speed:
+the exact tiler's output equals the untiled one, and every row is measured."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_lean_prints_both_ratios_and_the_tiled_result_is_exact():
+    out = _run("benchmarks/bench_lean.py", "--sizes", "128", "--tile", "64", "--repeats", "1", "--threads", "1",
+               "--channels", "32", "32", "64", "64", "--ops", "decode", "encode")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| (de|en)code \| 128 \|", line)]
+    assert [r[0].strip() for r in rows] == ["decode", "encode"], out
+    for r in rows:
+        time_ratio, mem_ratio, diff = float(r[4]), float(r[7]), float(r[8])
+        assert time_ratio > 0 and mem_ratio > 0
+        assert diff < 1e-4, f"the lean exact plan differs from untiled by {diff}"
+
+
+def test_bench_limits_measures_each_row_with_live_tensor_memory():
+    out = _run("benchmarks/bench_limits.py", "--sizes", "64", "--dtypes", "fp32", "--ops", "decode",
+               "--impls", "ours", "diffusers", "--repeats", "1", "--threads", "1")
+    assert "peak of live tensor bytes" in out or "live tensor bytes" in out
+    rows = {line.split("|")[4].strip(): line.split("|") for line in out.splitlines()
+            if line.startswith("| decode | 64 | fp32 |")}
+    assert set(rows) == {"ours", "diffusers"}, out
+    for impl, cols in rows.items():
+        assert "failed" not in "|".join(cols), cols
+        assert float(cols[10]) > 0, f"{impl}: no memory measured"
+        assert float(cols[9]) > 0, f"{impl}: no share of the conv peak"
