@@ -559,7 +559,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
   Forward pass under {'bf16 autocast (fp32 master weights, loss in fp32)' if m.get('bf16_autocast') else 'fp32'}.
 - {m['steps']} steps (of {m['steps_target']} asked, cap {m['minutes']:g} min) in {m['wall_s'] / 60:.1f} min,
   torch threads: {m['threads']} (torch {m['torch']}), seed {m['seed']}, on a 2-core machine shared
-  with other jobs (steps took 0.25 s alone and up to ~1 s under load).
+  with other jobs ({m['wall_s'] / max(m['steps'], 1):.2f} s per step on average; larger crops take longer).
 - Final training losses (EMA 0.95 per step, at the last logged step): total {m['final']['loss_ema']:.4f},
   L1 {m['final']['l1_ema']:.4f}, edge {m['final']['edge_ema']:.4f}, colour {m['final']['colour_ema']:.4f},
   KL per latent element {m['final']['kl_ema']:.3f} nats.
@@ -839,7 +839,8 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
     if before is not None:  # the model this one replaces, on the same held-out photos
         old = AutoencoderKL.from_single_file(before).eval()
         metrics["first_model"] = evaluate(old, heldout)
-        save_before_after(old, shipped, heldout, out / "before_after.jpg")
+        before_label = "first demo model (1.13 M, fp32)" if cfg.init_git == "2d26bec" else f"model it replaces (git {cfg.init_git})"
+        save_before_after(old, shipped, heldout, out / "before_after.jpg", labels=("original", before_label, f"this model ({NAME})"))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     shutil.copy(work / "train_log.csv", out / "train_log.csv")
     if rows and rows[-1].get("heldout_psnr") in (None, ""):
