@@ -457,8 +457,8 @@ HISTORY_FULL_HUE = ("\n  With the mild jitter, that run got worse on held-out ph
                     "  stopped; the second model (and this one) use the full-circle jitter so that context cannot\n"
                     "  predict colour.")
 HISTORY_THIRD = ("  The second model (a 30 min fine-tune of the first, git ad77800) still cast held-out photos\n"
-                 "  (-34/255 of green on the dune) while training photos at 512 px kept their colours\n"
-                 "  (27-32 dB, shifts within 3/255), and new photos from another package scored 19-28 dB with\n"
+                 "  (-34/255 of green on the dune) while training photos at 512 px kept theirs (mostly\n"
+                 "  27-32 dB, shifts mostly within 3/255, at most 6.5), and new photos from another package scored 19-28 dB with\n"
                  "  shifts up to 16/255: it had learnt its 24 training photos more than colour itself. This\n"
                  "  run, the third model, fine-tunes the second with the 15 photos of lomiri-wallpapers-16.04\n"
                  "  added and on 192-320 px crops (GroupNorm statistics nearer a whole photo's).\n")
