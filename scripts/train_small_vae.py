@@ -479,18 +479,29 @@ JITTER_FULL = ("Colour jitter on half of the colour crops: chroma (YIQ) turned b
                "  carry it (the pixels' own colour is what the loss scores).")
 
 
+def _shift_text(r: dict) -> str:
+    """A result's mean colour shift as "+R, +G, +B" in 8-bit code values."""
+    return ", ".join(f"{v:+.2f}" for v in r["colour_shift"])
+
+
+def _heldout_rows(res: Dict[str, dict]) -> str:
+    """Card table rows: image | size | PSNR | SSIM | colour shift."""
+    return "\n".join(f"| {n} | {r['shape'][1]}x{r['shape'][0]} | {r['psnr']:.2f} | {r['ssim']:.4f} | {_shift_text(r)} |"
+                     for n, r in res.items())
+
+
+def _licence_rows(split: str, debian: bool = True) -> str:
+    """Card table rows: image | licence | source, for the images of `split` (Debian ones if `debian`)."""
+    return "\n".join(f"| {im.name} | {im.licence} | {im.source} |" for im in images.IMAGES
+                     if im.split == split and (debian or not im.package))
+
+
 def write_model_card(out: Path, m: dict) -> None:
     def licence_rows(split):
-        return "\n".join(f"| {im.name} | {im.licence} | {im.source} |" for im in images.IMAGES
-                         if im.split == split and (m.get("debian_packages") or not im.package))
+        return _licence_rows(split, bool(m.get("debian_packages")))
 
-    def shift(r):
-        return ", ".join(f"{v:+.2f}" for v in r["colour_shift"])
-
-    heldout = "\n".join(
-        f"| {name} | {r['shape'][1]}x{r['shape'][0]} | {r['psnr']:.2f} | {r['ssim']:.4f} | {shift(r)} |"
-        for name, r in m["heldout"].items()
-    )
+    shift = _shift_text
+    heldout = _heldout_rows(m["heldout"])
     meets = all(r["psnr"] >= 25.0 for r in m["heldout"].values()) and m["max_colour_shift"] <= 2.0
     cfg = json.dumps(m["config"], indent=2)
     n_train = len(images.names("train", bool(m.get("debian_packages"))))
@@ -896,15 +907,7 @@ def repackage(src: Path, out: Path, before_metrics: Path, tried: Optional[Path] 
 def write_repackaged_card(out: Path, m: dict) -> None:
     """The card of a repackaged model: today's held-out numbers, its original training facts, and
     what was tried instead and why it was not shipped."""
-    def shift(r):
-        return ", ".join(f"{v:+.2f}" for v in r["colour_shift"])
-
-    def table(res):
-        return "\n".join(f"| {n} | {r['shape'][1]}x{r['shape'][0]} | {r['psnr']:.2f} | {r['ssim']:.4f} | {shift(r)} |"
-                         for n, r in res.items())
-
-    def licence_rows(split):
-        return "\n".join(f"| {im.name} | {im.licence} | {im.source} |" for im in images.IMAGES if im.split == split)
+    shift, table, licence_rows = _shift_text, _heldout_rows, _licence_rows
 
     tried = m.get("tried") or {}
     tried_block = ""
