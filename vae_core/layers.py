@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
-from .norm import GroupNorm
+from .norm import GroupNorm, writable_here
 
 # GroupNorm epsilon used by every SD-family VAE (diffusers' resnet_eps, LDM's Normalize).
 NORM_EPS = 1e-6
@@ -118,8 +118,8 @@ def fused_add_ok(conv: nn.Conv2d, h: torch.Tensor, out: torch.Tensor) -> bool:
     and `out` a dense channels_last tensor of h's dtype shaped like the result, writable here."""
     if not onednn_ok(conv, h) or out.dtype != h.dtype or out.dim() != 4 or out.shape[1] <= 1:
         return False
-    if out.is_inference() != torch.is_inference_mode_enabled():
-        return False  # an inference tensor cannot be written outside inference mode, nor a normal one inside
+    if not writable_here(out):
+        return False
     if not out.is_contiguous(memory_format=torch.channels_last):
         return False
     kh, kw = conv.kernel_size

@@ -126,6 +126,12 @@ def apply_group_norm(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, no
     return out
 
 
+def writable_here(t: torch.Tensor) -> bool:
+    """Whether `t` may be written in place in the current mode: an inference tensor cannot be
+    written outside inference mode, nor a normal one inside it."""
+    return t.is_inference() == torch.is_inference_mode_enabled()
+
+
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same parameters and state-dict names) that computes its statistics with
     `GroupStats` where torch's kernel would lose precision: channels_last input on the CPU."""
@@ -137,10 +143,12 @@ class GroupNorm(nn.GroupNorm):
             # training: torch's NCHW kernel (accurate, differentiable), handed back channels_last
             y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
             return y.contiguous(memory_format=torch.channels_last)
+        return apply_group_norm(x, *self._stats(x), self)
+
+    def _stats(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         stats = GroupStats(x.shape[0], self.num_groups)
         stats.add(x)
-        mean, rstd = stats.finish(self.eps)
-        return apply_group_norm(x, mean, rstd, self)
+        return stats.finish(self.eps)
 
     def forward_(self, x: torch.Tensor) -> torch.Tensor:
         """forward(x) written into x where that is safe and gives the same numbers: inference on a
@@ -150,9 +158,6 @@ class GroupNorm(nn.GroupNorm):
             return self(x)
         if (x.device.type != "cpu" or torch.is_grad_enabled() or self._forward_hooks or self._forward_pre_hooks
                 or not x.is_contiguous(memory_format=torch.channels_last) or not _channels_last_strides(x)
-                or x.is_inference() != torch.is_inference_mode_enabled()):
+                or not writable_here(x)):
             return self(x)
-        stats = GroupStats(x.shape[0], self.num_groups)
-        stats.add(x)
-        mean, rstd = stats.finish(self.eps)
-        return apply_group_norm(x, mean, rstd, self, inplace=True)
+        return apply_group_norm(x, *self._stats(x), self, inplace=True)
