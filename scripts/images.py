@@ -1,7 +1,7 @@
 """The openly licensed photos that train and test the shipped demo VAE: a data table plus loaders.
 
 Two sources: images bundled in scikit-image's wheel (`skimage.data`, no network), and photos
-from two Debian wallpaper packages, fetched with `apt-get download` and unpacked with
+from four Debian wallpaper packages, fetched with `apt-get download` and unpacked with
 `dpkg-deb -x` into a data folder (never committed). Not a data pipeline.
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ class SampleImage:
 
 # Debian bookworm packages the photos come from, pinned (apt-get download PKG=VERSION).
 DEBIAN_PACKAGES: Dict[str, str] = {"mate-backgrounds": "1.26.0-1", "lomiri-wallpapers-20.04": "20.04.0-2",
-                                   "lomiri-wallpapers-16.04": "20.04.0-2"}
+                                   "lomiri-wallpapers-16.04": "20.04.0-2",
+                                   "plasma-workspace-wallpapers": "4:5.27.5-2"}
 # Where the packages are unpacked: $AKL_TRAIN_DATA, else outputs/train_data (git-ignored).
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "outputs" / "train_data"
 
@@ -53,6 +54,19 @@ def _lomiri16(file, licence, holder, split="train", max_side=1024):
     return SampleImage(name, split, f"{licence} (copyright {holder}, per debian/copyright)",
                        _LOMIRI16_SRC + f"16.04/{file}", max_side, "lomiri-wallpapers-16.04",
                        f"/usr/share/backgrounds/{file}")
+
+
+_PLASMA_SRC = "Debian plasma-workspace-wallpapers 4:5.27.5-2 (https://invent.kde.org/plasma/plasma-workspace-wallpapers), "
+
+
+def _plasma(name, author, max_side=1024):
+    """A photo of KDE Plasma 5.27's set. Each wallpaper's metadata names its author and licence
+    (LGPLv3 for these); debian/copyright covers the package as GPL-2+ (2014 KDE Visual Design Group)."""
+    return SampleImage(f"plasma-{name.lower()}", "train",
+                       f"LGPL-3 (author {author}, per the wallpaper's metadata; package: GPL-2+, KDE Visual Design "
+                       "Group, per debian/copyright)", _PLASMA_SRC + f"{name}/contents/images/2560x1600.jpg",
+                       max_side, "plasma-workspace-wallpapers",
+                       f"/usr/share/wallpapers/{name}/contents/images/2560x1600.jpg")
 
 
 def _lomiri(name, file, split, holder, max_side=1024):
@@ -113,6 +127,19 @@ IMAGES: Tuple[SampleImage, ...] = (
     _lomiri16("sunset_by_Aitzol_Berasategi.jpg", "CC-BY-4.0", "2018 Aitzol Berasategi"),
     _lomiri16("umang_by_Abhishek_Mudgal.jpg", "CC-BY-4.0", "2018 Abhishek Mudgal"),
     _lomiri16("Wine_by_Jakkub_Mede.jpg", "CC-BY-4.0", "2018 Jakub Mede"),
+    # KDE Plasma's photos (the set's illustrations are left out), added for the fourth demo model:
+    # warm autumn colours, water, mist, forest, sky and architecture
+    _plasma("BytheWater", "Maciej Wiklo"),
+    _plasma("ColdRipple", "Risto Saukonpää"),
+    _plasma("ColorfulCups", "Dmitri Popov"),
+    _plasma("DarkestHour", "Risto Saukonpää"),
+    _plasma("EveningGlow", "Ian Hex"),
+    _plasma("FallenLeaf", "Martin Klapetek"),
+    _plasma("Grey", "Sigi Sagi"),
+    _plasma("Kite", "Risto Saukonpää"),
+    _plasma("OneStandsOut", "Risto Saukonpää"),
+    _plasma("Path", "Risto Saukonpää"),
+    _plasma("summer_1am", "Risto Saukonpää"),
     _mate("LadyBird", "test", "2008 Charles Barbin", max_side=512),
     _mate("Dune", "test", "2007 Marco Cogoni, 2008 Hylke Bons", max_side=512),
     SampleImage("chelsea", "test", "CC0 (photographer Stefan van der Walt)", "scikit-image"),

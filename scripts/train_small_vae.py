@@ -87,6 +87,40 @@ class TrainConfig:
     full_hue: bool = False  # colour jitter: any hue angle on half the colour crops (else +-20 deg on a quarter)
     init: str = ""  # start from this single-file model (same architecture) instead of random weights
     init_git: str = "2d26bec"  # the git commit that shipped `init` (for the card's reproduce line)
+    # resnets per encoder level (the decoder has one more); an `init` model with fewer is deepened
+    # by deepen(): the added resnets start as identities, so training starts from init's outputs
+    layers_per_block: int = MODEL_CONFIG["layers_per_block"]
+
+
+def model_config(cfg: "TrainConfig") -> dict:
+    return {**MODEL_CONFIG, "layers_per_block": cfg.layers_per_block}
+
+
+def deepen(src: AutoencoderKL, dst: AutoencoderKL) -> List[str]:
+    """Copy `src` into `dst`, a model of the same widths with more resnets per level, so that `dst`
+    computes exactly what `src` does: every resnet `src` lacks comes last in its level (diffusers'
+    numbering puts it there), has equal in/out channels (no shortcut conv) and adds conv2's output
+    to its input, so a zero conv2 makes it the identity. Returns the names of the added resnets."""
+    have, want = src.state_dict(), dst.state_dict()
+    extra = sorted(set(want) - set(have))
+    if set(have) - set(want):
+        raise ValueError(f"cannot deepen: {sorted(set(have) - set(want))[:3]} are not in the deeper model")
+    resized = [k for k in have if k in want and have[k].shape != want[k].shape]
+    if resized:
+        raise ValueError(f"cannot deepen: {resized[0]} is {tuple(have[resized[0]].shape)} in the model given, "
+                         f"{tuple(want[resized[0]].shape)} in the deeper one (the widths must match)")
+    added = sorted({k.rsplit(".", 2)[0] for k in extra})
+    for name in added:
+        block = dst.get_submodule(name)
+        if not (name.rsplit(".", 2)[-2] == "resnets" and getattr(block, "conv_shortcut", None) is None):
+            raise ValueError(f"cannot deepen: {name} is not a resnet without a shortcut")
+    dst.load_state_dict(have, strict=False)
+    with torch.no_grad():
+        for name in added:
+            conv2 = dst.get_submodule(name).conv2
+            conv2.weight.zero_()
+            conv2.bias.zero_()
+    return added
 
 
 EMA_KEYS = ("loss_ema", "l1_ema", "edge_ema", "colour_ema", "kl_ema")
@@ -717,13 +751,17 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
     sampler = CropSampler(images.names("train", cfg.debian), rng, min_crop, cfg.full_hue)
     heldout = heldout_images(cfg.eval_max_side, cfg.debian)
 
-    vae = AutoencoderKL(**MODEL_CONFIG)
+    vae = AutoencoderKL(**model_config(cfg))
     if cfg.init:
-        # fine-tune: start from an earlier model of the same architecture (its weights, not its config)
+        # fine-tune: start from an earlier model of the same widths (its weights, not its config)
         start_from = AutoencoderKL.from_single_file(cfg.init)
-        vae.load_state_dict(start_from.state_dict(), strict=True)
+        if start_from.config.layers_per_block < cfg.layers_per_block:
+            added = deepen(start_from, vae)
+            print(f"deepened {cfg.init}: {len(added)} resnets added as identities", flush=True)
+        else:
+            vae.load_state_dict(start_from.state_dict(), strict=True)
     vae.train()
-    ema_vae = AutoencoderKL(**MODEL_CONFIG).eval()  # the shipped weights: an EMA of vae's
+    ema_vae = AutoencoderKL(**model_config(cfg)).eval()  # the shipped weights: an EMA of vae's
     ema_vae.load_state_dict(vae.state_dict())
     ema_params = [p for p in ema_vae.parameters()]
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -1100,6 +1138,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--crops", default=None,
                     help="crop schedule as START:PXxBATCH,... by progress, e.g. 0:192x1,0.3:256x1,0.6:320x1 "
                          "(default: the TrainConfig phases)")
+    ap.add_argument("--layers-per-block", type=int, default=TrainConfig.layers_per_block,
+                    help="resnets per encoder level; an --init model with fewer is deepened (identity resnets added)")
     ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW peak learning rate")
     ap.add_argument("--before", type=Path, default=None,
                     help="the model this one replaces (e.g. `git show 2d26bec:models/vae/"
@@ -1112,7 +1152,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, seed=args.seed, threads=args.threads,
                       debian=not (args.no_debian or args.smoke), bf16=not args.fp32,
-                      init=str(args.init or ""), init_git=args.init_git, lr=args.lr, full_hue=args.full_hue)
+                      init=str(args.init or ""), init_git=args.init_git, lr=args.lr, full_hue=args.full_hue,
+                      layers_per_block=args.layers_per_block)
     if args.crops:
         cfg = dataclasses.replace(cfg, phases=parse_crops(args.crops))
     if args.smoke:

@@ -276,3 +276,33 @@ def test_train_script_smoke(tmp_path):
     with torch.no_grad():
         out = vae.decode(torch.zeros(1, 4, 4, 4)).sample
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_deepen_adds_identity_resnets_and_refuses_other_models():
+    """--layers-per-block N with a shallower --init: the deeper model must start from exactly the
+    shallower one's outputs (else a fine-tune starts by forgetting), and a model whose widths
+    differ must be refused rather than half-copied."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import train_small_vae as tsv
+
+    small = dict(tsv.MODEL_CONFIG, block_out_channels=(16, 16), norm_num_groups=8,
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    torch.manual_seed(0)
+    src = AutoencoderKL(**small).eval()
+    dst = AutoencoderKL(**dict(small, layers_per_block=2)).eval()
+    added = tsv.deepen(src, dst)
+    assert added == ["decoder.up_blocks.0.resnets.2", "decoder.up_blocks.1.resnets.2",
+                     "encoder.down_blocks.0.resnets.1", "encoder.down_blocks.1.resnets.1"]
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z_src, z_dst = src.encode(x).latent_dist.mode(), dst.encode(x).latent_dist.mode()
+        assert torch.equal(z_src, z_dst)
+        assert torch.equal(src.decode(z_src).sample, dst.decode(z_dst).sample)
+    # the added resnets are trainable blocks, not frozen zeros: their conv1 kept its random init
+    assert dst.get_submodule(added[0]).conv1.weight.abs().sum() > 0
+    wider = AutoencoderKL(**dict(small, block_out_channels=(16, 32), layers_per_block=2))
+    with pytest.raises(ValueError, match="cannot deepen: .* the widths must match"):
+        tsv.deepen(src, wider)
+    with pytest.raises(ValueError, match="cannot deepen: .* not in the deeper model"):
+        tsv.deepen(dst, src)
