@@ -302,7 +302,7 @@ def test_deepen_adds_identity_resnets_and_refuses_other_models():
     # the added resnets are trainable blocks, not frozen zeros: their conv1 kept its random init
     assert dst.get_submodule(added[0]).conv1.weight.abs().sum() > 0
     wider = AutoencoderKL(**dict(small, block_out_channels=(16, 32), layers_per_block=2))
-    with pytest.raises(ValueError, match="cannot deepen: .* the widths must match"):
+    with pytest.raises(ValueError, match=r"cannot deepen: .*\(the widths must match\)"):
         tsv.deepen(src, wider)
     with pytest.raises(ValueError, match="cannot deepen: .* not in the deeper model"):
         tsv.deepen(dst, src)
