@@ -8,7 +8,6 @@ runs the same templates from the dialog.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+import pack_without_host  # noqa: E402  (scripts/pack_without_host.py)
 from tests.e2e.comfy_server import ComfyServer  # noqa: E402
 
 WORKFLOWS = ROOT / "example_workflows"
@@ -29,21 +30,7 @@ TITLES = {"akl_round_trip": "Round trip", "akl_tiled_round_trip": "Tiled round t
 
 
 def _grid():
-    """nodes/grid.py without the host: it imports ..vae_core.memory, so the pack is imported as a
-    package (its __init__ registers no nodes without the host) with nodes/ as a bare package."""
-    import sys
-    import types
-
-    pack = "akl_thumbnails_pack"
-    if pack not in sys.modules:
-        spec = importlib.util.spec_from_file_location(pack, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[pack] = module
-        spec.loader.exec_module(module)
-        nodes = types.ModuleType(f"{pack}.nodes")
-        nodes.__path__ = [str(ROOT / "nodes")]
-        sys.modules[f"{pack}.nodes"] = nodes
-    return importlib.import_module(f"{pack}.nodes.grid")
+    return pack_without_host.load("nodes.grid")
 
 
 def run_template(srv: ComfyServer, name: str) -> Image.Image:

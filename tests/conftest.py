@@ -77,3 +77,22 @@ def pytest_report_header(config):
     version = COMFY_DIR / "comfyui_version.py"
     found = version.read_text().strip().splitlines()[-1] if version.is_file() else "not installed"
     return f"ComfyUI host: {COMFY_DIR} ({found})"
+
+
+@pytest.fixture
+def score_recorder(monkeypatch):
+    """recorder(attention_module) -> a list that receives (batch, queries, keys) of every score
+    matrix that module's plain-matmul kernel builds (vae_core.attention, or the pack's copy of it)."""
+
+    def record(attention):
+        seen = []
+        real = attention._math_attention
+
+        def spy(q, k, v, scale):
+            seen.append((q.shape[0], q.shape[1], k.shape[1]))
+            return real(q, k, v, scale)
+
+        monkeypatch.setattr(attention, "_math_attention", spy)
+        return seen
+
+    return record

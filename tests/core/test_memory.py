@@ -85,17 +85,9 @@ def test_an_attention_that_cannot_fit_one_row_is_refused_clearly():
 
 
 @pytest.fixture()
-def score_spy(monkeypatch):
-    """Records (batch, queries, keys) of every score matrix the plain-matmul kernel builds."""
-    seen = []
-    real = attention._math_attention
-
-    def spy(q, k, v, scale):
-        seen.append((q.shape[0], q.shape[1], k.shape[1]))
-        return real(q, k, v, scale)
-
-    monkeypatch.setattr(attention, "_math_attention", spy)
-    return seen
+def score_spy(score_recorder):
+    """(batch, queries, keys) of every score matrix vae_core's plain-matmul kernel builds."""
+    return score_recorder(attention)
 
 
 @pytest.mark.parametrize("path", ["decode", "encode", "planner", "exact"])

@@ -136,18 +136,9 @@ def test_the_memory_estimate_grows_with_the_request(pack, good_vae):
 
 
 @pytest.fixture()
-def score_spy(pack, monkeypatch):
-    """Records (batch, queries, keys) of every score matrix the plain-matmul kernel builds."""
-    attention = pack.vae_core.attention
-    seen = []
-    real = attention._math_attention
-
-    def spy(q, k, v, scale):
-        seen.append((q.shape[0], q.shape[1], k.shape[1]))
-        return real(q, k, v, scale)
-
-    monkeypatch.setattr(attention, "_math_attention", spy)
-    return seen
+def score_spy(pack, score_recorder):
+    """(batch, queries, keys) of every score matrix the pack's plain-matmul kernel builds."""
+    return score_recorder(pack.vae_core.attention)
 
 
 def _math_vae(nc, vae):

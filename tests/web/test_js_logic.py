@@ -3,8 +3,6 @@ tile grid maths with nodes/grid.py (whose memory figure is vae_core/memory.py's)
 (no browser, no server)."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import itertools
 import json
 import subprocess
@@ -16,23 +14,12 @@ WEB_TESTS = Path(__file__).resolve().parent
 REPO_ROOT = WEB_TESTS.parents[1]
 
 
-PACK = "akl_pack_for_grid"
-
-
 def _grid_module():
-    # nodes/__init__ imports the host; grid.py alone is host-free (it imports ..vae_core.memory), so
-    # import the pack without the host (its __init__ registers no nodes then) and nodes/ as a bare
-    # package whose __init__ is not run.
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, REPO_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(REPO_ROOT)])
-        pack = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = pack
-        spec.loader.exec_module(pack)
-        nodes = types.ModuleType(f"{PACK}.nodes")
-        nodes.__path__ = [str(REPO_ROOT / "nodes")]
-        sys.modules[f"{PACK}.nodes"] = nodes
-    return importlib.import_module(f"{PACK}.nodes.grid")
+    if str(REPO_ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import pack_without_host  # scripts/pack_without_host.py
+
+    return pack_without_host.load("nodes.grid")
 
 
 def test_node_unit_tests(node_bin):
