@@ -7,8 +7,9 @@ Methods: exact (checkpoints may use what free memory allows, the default), exact
 diffusers' geometry), diffusers (diffusers' own tiling), host (ComfyUI's VAEDecodeTiled strategy).
 
 Method: every case runs in its own fresh `python` subprocess (same seed, so the same random SD-size
-weights); peak memory is that process's ru_maxrss (peak RSS, includes the interpreter, torch and
-the 335 MB of weights) and "delta" is the peak minus the RSS just before the timed call.
+weights). It is timed once, then run again under the profiler for its peak of live tensor bytes
+(`live_bytes.py`: what the call itself allocates, not the weights; resident-set peaks, which this
+script reported until 2026-12-02, differ by up to 2.5x between calls with the same live tensors).
 Errors are measured on outputs clamped to [-1, 1] (decode) or on raw moments (encode);
 PSNR uses a peak-to-peak of 2.
 
@@ -20,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -28,12 +28,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = os.path.join(ROOT, ".host", "ComfyUI")
-from sd_size import SD_CONFIG  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from live_bytes import live_peak_bytes  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from sd_size import SD_CONFIG  # noqa: E402
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _config(channels) -> dict:
+    return {**SD_CONFIG, "block_out_channels": tuple(channels)} if channels else dict(SD_CONFIG)
 
 
 def _make_input(kind: str, size: int, batch: int):
@@ -55,7 +55,8 @@ def run_case(args) -> None:
     from vae_core import AutoencoderKL
 
     torch.manual_seed(0)
-    model = AutoencoderKL(**SD_CONFIG).eval()
+    config = _config(args.channels)
+    model = AutoencoderKL(**config).eval()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     model.to(dtype)
     inp = _make_input(args.kind, args.size, args.batch).to(dtype)
@@ -77,7 +78,7 @@ def run_case(args) -> None:
     elif args.method == "diffusers":
         from diffusers import AutoencoderKL as DAutoencoderKL
 
-        dm = DAutoencoderKL(**SD_CONFIG).eval().to(dtype)
+        dm = DAutoencoderKL(**config).eval().to(dtype)
         dm.load_state_dict(model.state_dict())
         del model
         dm.enable_tiling()
@@ -100,20 +101,22 @@ def run_case(args) -> None:
             f = lambda a: model._moments(a).float()  # noqa: E731
             fn = lambda: sum(comfy.utils.tiled_scale(inp, f, tx, ty, 64, upscale_amount=1 / 8, out_channels=8)  # noqa: E731
                              for tx, ty in ((tile, tile), (tile * 2, tile // 2), (tile // 2, tile * 2))) / 3.0
-    base = _rss_bytes()
     with torch.no_grad():
         t0 = time.perf_counter()
         out = fn()
         seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    torch.save(out.float().cpu(), args.save)
-    print(json.dumps({"seconds": seconds, "peak": peak, "base": base}))
+        torch.save(out.float().cpu(), args.save)
+        del out
+        live = live_peak_bytes(fn)
+    print(json.dumps({"seconds": seconds, "live": live}))
 
 
-def _spawn(kind, method, size, tile, dtype, batch, workdir) -> dict:
+def _spawn(kind, method, size, tile, dtype, batch, workdir, channels=None) -> dict:
     save = os.path.join(workdir, f"{kind}_{method}_{size}_{tile}_{dtype}.pt")
     cmd = [sys.executable, os.path.abspath(__file__), "--run-case", "--kind", kind, "--method", method,
            "--size", str(size), "--tile", str(tile), "--dtype", dtype, "--batch", str(batch), "--save", save]
+    if channels:
+        cmd += ["--channels", *map(str, channels)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc={proc.returncode}"}
@@ -146,6 +149,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["exact", "exact-lean", "blend", "diffusers", "host"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--channels", type=int, nargs=4, default=None,
+                    help="block_out_channels (default: the SD-size VAE's, 128 256 512 512)")
     ap.add_argument("--quick", action="store_true", help="decode only, first tile size only, skip the host's 3-pass")
     # internal: one case in this process
     ap.add_argument("--run-case", action="store_true", help=argparse.SUPPRESS)
@@ -167,47 +172,45 @@ def main() -> None:
 
     from vae_core import AutoencoderKLConfig, memory
 
-    cfg = AutoencoderKLConfig(**SD_CONFIG)
-    print(f"# SD-size random-weight VAE {SD_CONFIG['block_out_channels']}, {args.dtype}, batch {args.batch}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("# memory: peak RSS (ru_maxrss) of a fresh subprocess per case; delta = peak - RSS before the call")
+    cfg = AutoencoderKLConfig(**_config(args.channels))
+    print(f"# random-weight VAE {cfg.block_out_channels} (SD-size: 128, 256, 512, 512), {args.dtype}, "
+          f"batch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("# memory: peak live tensor bytes of the call (live_bytes.py), a fresh subprocess per case")
     print("# host = comfy.utils.tiled_scale x3 averaged, as comfy/sd.py decode_tiled_/encode_tiled_ (overlap 64 px)")
     with tempfile.TemporaryDirectory() as workdir:
         for kind in args.kinds:
             for size in args.sizes:
-                ref = _spawn(kind, "untiled", size, 0, args.dtype, args.batch, workdir)
+                ref = _spawn(kind, "untiled", size, 0, args.dtype, args.batch, workdir, args.channels)
                 if "error" in ref:
                     print(f"{kind} {size}: untiled failed: {ref['error']}")
                     continue
                 shape = (args.batch, 4 if kind == "decode" else 3) + ((size // 8,) * 2 if kind == "decode" else (size,) * 2)
                 est = memory.estimate_bytes(kind, shape, {"fp32": torch.float32, "bf16": torch.bfloat16,
                                                            "fp16": torch.float16}[args.dtype], cfg)
-                print(f"\n## {kind} {size}x{size}: untiled {ref['seconds']:.1f} s, peak {_gib(ref['peak']):.2f} GiB, "
-                      f"delta {_gib(ref['peak'] - ref['base']):.2f} GiB; planner estimate {_gib(est):.2f} GiB "
-                      f"(estimate/delta {est / max(1, ref['peak'] - ref['base']):.2f})")
+                print(f"\n## {kind} {size}x{size}: untiled {ref['seconds']:.1f} s, live peak {_gib(ref['live']):.2f} GiB; "
+                      f"planner estimate {_gib(est):.2f} GiB (estimate/live {est / max(1, ref['live']):.2f})")
                 torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
                 if args.dtype != "fp32":
-                    ref32 = _spawn(kind, "untiled", size, 0, "fp32", args.batch, workdir)
+                    ref32 = _spawn(kind, "untiled", size, 0, "fp32", args.batch, workdir, args.channels)
                     if "error" not in ref32:
                         psnr, maxerr = _compare(ref32["path"], ref["path"], kind)
                         print(f"untiled {args.dtype} against untiled fp32: PSNR {psnr:.1f} dB, max err {maxerr:.2e}, "
                               f"time {ref['seconds']:.1f} s vs {ref32['seconds']:.1f} s "
                               f"(speed-up {ref32['seconds'] / ref['seconds']:.2f}x)")
-                print("| method | tile | PSNR dB | max err | peak GiB | peak ratio | delta ratio | est/delta | time s | time ratio |")
-                print("|---|---|---|---|---|---|---|---|---|---|")
+                print("| method | tile | PSNR dB | max err | live GiB | memory ratio | est/live | time s | time ratio |")
+                print("|---|---|---|---|---|---|---|---|---|")
                 for tile in args.tile:
                     for method in args.methods:
-                        res = _spawn(kind, method, size, tile, args.dtype, args.batch, workdir)
+                        res = _spawn(kind, method, size, tile, args.dtype, args.batch, workdir, args.channels)
                         if "error" in res:
                             print(f"| {method} | {tile} | failed: {res['error']} |")
                             continue
                         psnr, maxerr = _compare(ref["path"], res["path"], kind)
-                        delta = max(1, res["peak"] - res["base"])
-                        est_t = (f"{memory.estimate_tiled_bytes(kind, shape, torch_dtype, cfg, tile) / delta:.2f}"
+                        live = max(1, res["live"])
+                        est_t = (f"{memory.estimate_tiled_bytes(kind, shape, torch_dtype, cfg, tile) / live:.2f}"
                                  if method == "exact-lean" else "")
-                        print(f"| {method} | {tile} | {psnr:.1f} | {maxerr:.2e} | {_gib(res['peak']):.2f} | "
-                              f"{res['peak'] / ref['peak']:.2f} | "
-                              f"{delta / max(1, ref['peak'] - ref['base']):.2f} | {est_t} | "
+                        print(f"| {method} | {tile} | {psnr:.1f} | {maxerr:.2e} | {_gib(live):.3f} | "
+                              f"{live / max(1, ref['live']):.2f} | {est_t} | "
                               f"{res['seconds']:.1f} | {res['seconds'] / ref['seconds']:.2f} |", flush=True)
                         os.remove(res["path"])
 

@@ -39,3 +39,17 @@ def test_bench_limits_measures_each_row_with_live_tensor_memory():
         assert "failed" not in "|".join(cols), cols
         assert float(cols[10]) > 0, f"{impl}: no memory measured"
         assert float(cols[9]) > 0, f"{impl}: no share of the conv peak"
+
+
+def test_bench_tiling_reports_live_memory_for_each_method_and_exact_is_exact():
+    out = _run("benchmarks/bench_tiling.py", "--sizes", "128", "--tile", "64", "--kinds", "decode",
+               "--methods", "exact-lean", "blend", "--channels", "32", "32", "64", "64")
+    assert "peak live tensor bytes" in out
+    rows = {line.split("|")[1].strip(): line.split("|")[1:-1] for line in out.splitlines()
+            if re.match(r"\| (exact-lean|blend) \| 64 \|", line)}
+    assert set(rows) == {"exact-lean", "blend"}, out
+    for method, cols in rows.items():
+        live_gib, mem_ratio, time_ratio = float(cols[4]), float(cols[5]), float(cols[8])
+        assert live_gib > 0 and mem_ratio > 0 and time_ratio > 0, (method, cols)
+    assert float(rows["exact-lean"][2]) > 100, "the exact tiler's PSNR against untiled is that of fp32 rounding"
+    assert float(rows["exact-lean"][6]) > 0, "the planner's tiled estimate against the lean plan's live peak"
