@@ -498,7 +498,8 @@ HISTORY_THIRD = ("  The second model (a 30 min fine-tune of the first, git ad778
                  "  added and on 192-320 px crops (GroupNorm statistics nearer a whole photo's).\n")
 # Title of the "before" table, by the git commit of the model this one was fine-tuned from.
 BEFORE_TITLE = {"2d26bec": "The first demo model (1.13 M parameters, fp32, 18 min of training on skimage.data only)",
-                "ad77800": "The second demo model (git ad77800: the first, fine-tuned 30 min on 128-256 px crops of 24 photos)"}
+                "ad77800": "The second demo model (git ad77800: the first, fine-tuned 30 min on 128-256 px crops of 24 photos)",
+                "188b03b": "The third demo model (git 188b03b: the second, fine-tuned 95 min on 192-320 px crops of 39 photos)"}
 
 
 def crops_arg(phases) -> str:
@@ -573,8 +574,8 @@ perceptual and adversarial losses on millions of images.
 ## Model
 
 AutoencoderKL from `vae_core` (diffusers' architecture and names), {m['params']:,} parameters:
-4 levels (f8), block_out_channels {list(MODEL_CONFIG['block_out_channels'])}, layers_per_block 1,
-norm_num_groups 16, 4 latent channels, single-head attention in both mid blocks.
+4 levels (f8), block_out_channels {list(m['config']['block_out_channels'])}, layers_per_block {m['config']['layers_per_block']},
+norm_num_groups {m['config']['norm_num_groups']}, 4 latent channels, single-head attention in both mid blocks.
 `scaling_factor` = {m['scaling_factor']:.5f} (1 / std of posterior samples over the whole training
 images; `vae_core.latent_formats` family "demo" holds the same value); `shift_factor` = None.
 Stored in fp16 to fit 5 MB; `vae_core`'s loader copies the weights into fp32 parameters, so it
@@ -619,7 +620,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
   on small crops casts whole photos; the second model trained on 128-256 px crops.{HISTORY_FULL_HUE if m.get('full_hue') else ''}
 {HISTORY_THIRD if m.get('init_git', '2d26bec') != '2d26bec' else ''}  The held-out photos were looked at during these runs to make these choices.
 - Reproduce: {('`git show ' + m.get('init_git', '2d26bec') + ':models/vae/autoencoderkl-demo-f8.safetensors > ' + m['init'] + '`, then ') if m.get('init') else ''}`.venv/bin/python scripts/train_small_vae.py --fetch-data --out models
-  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}`
+  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}`
   (`--fetch-data` runs `apt-get download` into `$AKL_TRAIN_DATA`, default `outputs/train_data`).
   Data order, crops and noise are seeded, but the LR schedule follows
   max(step / steps, elapsed / minutes): a run that the clock stops (as this one{' was' if m['steps'] < m['steps_target'] else ' was not'})
@@ -991,7 +992,7 @@ there was (see "Tried").
 ## Model
 
 AutoencoderKL from `vae_core` (diffusers' architecture and names), {m['params']:,} parameters:
-4 levels (f8), block_out_channels {m['config']['block_out_channels']}, layers_per_block 1,
+4 levels (f8), block_out_channels {m['config']['block_out_channels']}, layers_per_block {m['config']['layers_per_block']},
 norm_num_groups 16, 4 latent channels, single-head attention in both mid blocks.
 `scaling_factor` = {m['scaling_factor']:.5f} (1 / std of posterior samples over its whole training
 images; `vae_core.latent_formats` family "demo" holds the same value); `shift_factor` = None.
