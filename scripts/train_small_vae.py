@@ -74,6 +74,9 @@ class TrainConfig:
     # L1 of 8x8 block means (the local colour at the latent's resolution), per RGB channel and on
     # the YIQ chroma planes: a colour cast costs here on every block, not only at edges
     colour_weight: float = 1.0
+    # L1 of each crop's mean colour (RGB and YIQ chroma of the whole crop): a cast shared by every
+    # block costs each block little in the term above; this term weighs it once more, as a whole
+    global_colour_weight: float = 0.0
     ema_decay: float = 0.995  # the shipped weights are an exponential moving average of the trained ones
     bf16: bool = True  # bf16 autocast for the forward pass (AMX/AVX512-BF16 CPUs); weights stay fp32
     # beta of the KL term relative to the per-image *summed* L1, as LDM's kl-f8 (kl_weight=1e-6)
@@ -238,6 +241,12 @@ def block_colour(x: torch.Tensor, k: int = 8) -> torch.Tensor:
     return torch.cat([m, chroma], dim=1)
 
 
+def image_colour(x: torch.Tensor) -> torch.Tensor:
+    """Mean colour of each image: RGB and YIQ-chroma means, (B, 5)."""
+    m = x.mean(dim=(2, 3))
+    return torch.cat([m, m @ _YIQ[1:].to(x.dtype).T], dim=1)
+
+
 def vae_loss(vae: AutoencoderKL, x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator):
     """Reparameterised negative ELBO with an L1 likelihood (Kingma & Welling 2014), beta-weighted KL,
     plus an edge term and a local-colour term. Returns (loss, parts) with every part a per-pixel mean.
@@ -256,6 +265,8 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, cfg: TrainConfig, generator: t
     # kl_weight * KL / (C*H*W) == LDM's kl_weight * KL next to an L1 summed over the image
     kl_term = cfg.kl_weight * kl.mean() / pixels_per_image
     loss = l1 + cfg.edge_weight * edge + cfg.colour_weight * colour + kl_term
+    if cfg.global_colour_weight:
+        loss = loss + cfg.global_colour_weight * (image_colour(y) - image_colour(x)).abs().mean()
     latent_elems = z[0].numel()
     return loss, {"l1": l1.item(), "edge": edge.item(), "colour": colour.item(),
                   "kl_per_latent": kl.mean().item() / latent_elems}
@@ -611,7 +622,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
 - Loss: the reparameterised negative ELBO with an L1 likelihood on pixels in [-1, 1]
   (Kingma & Welling 2014): L1 + {TrainConfig.edge_weight} * L1 of horizontal/vertical image differences
   + {TrainConfig.colour_weight} * L1 of 8x8 block means (RGB and the YIQ chroma planes: the local colour,
-  so a cast costs everywhere) + beta * KL(q(z|x) || N(0, I)) with beta = {TrainConfig.kl_weight:g} relative
+  so a cast costs everywhere){(' + ' + format(m['global_colour_weight'], 'g') + ' * L1 of each crop' + chr(39) + 's mean colour (the same planes)') if m.get('global_colour_weight') else ''} + beta * KL(q(z|x) || N(0, I)) with beta = {TrainConfig.kl_weight:g} relative
   to the per-image summed L1 (the weight of LDM's kl-f8 config). No perceptual or adversarial loss.
 - {('Initialised from `' + m['init'] + '`, the demo model shipped at git ' + m.get('init_git', '2d26bec') + ' (the same architecture; its own card, at that commit, says how it was made), then fine-tuned here. ') if m.get('init') else 'From random weights. '}
   AdamW, lr {m.get('lr', TrainConfig.lr):g} (warm-up {TrainConfig.warmup} steps, cosine to {TrainConfig.lr_final:g}),
@@ -635,7 +646,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
   on small crops casts whole photos; the second model trained on 128-256 px crops.{HISTORY_FULL_HUE if m.get('full_hue') else ''}
 {HISTORY.get(m.get('init_git', '2d26bec'), '')}  The held-out photos were looked at during these runs to make these choices.
 - Reproduce: {('`git show ' + m.get('init_git', '2d26bec') + ':models/vae/autoencoderkl-demo-f8.safetensors > ' + m['init'] + '`, then ') if m.get('init') else ''}`.venv/bin/python scripts/train_small_vae.py --fetch-data --out models
-  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}`
+  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}`
   (`--fetch-data` runs `apt-get download` into `$AKL_TRAIN_DATA`, default `outputs/train_data`).
   Data order, crops and noise are seeded, but the LR schedule follows
   max(step / steps, elapsed / minutes): a run that the clock stops (as this one{' was' if m['steps'] < m['steps_target'] else ' was not'})
@@ -897,6 +908,7 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
         "bf16_autocast": cfg.bf16,
         "lr": cfg.lr,
         "full_hue": cfg.full_hue,
+        "global_colour_weight": cfg.global_colour_weight,
         "init": Path(cfg.init).name if cfg.init else None,
         "init_git": cfg.init_git,
         "debian_packages": dict(images.DEBIAN_PACKAGES) if cfg.debian else {},
@@ -970,6 +982,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "(default: the TrainConfig phases)")
     ap.add_argument("--layers-per-block", type=int, default=TrainConfig.layers_per_block,
                     help="resnets per encoder level; an --init model with fewer is deepened (identity resnets added)")
+    ap.add_argument("--global-colour-weight", type=float, default=TrainConfig.global_colour_weight,
+                    help="weight of an L1 term on each crop's mean colour (0: off, as the shipped model)")
     ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW peak learning rate")
     ap.add_argument("--before", type=Path, default=None,
                     help="the model this one replaces (e.g. `git show 2d26bec:models/vae/"
@@ -983,7 +997,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, seed=args.seed, threads=args.threads,
                       debian=not (args.no_debian or args.smoke), bf16=not args.fp32,
                       init=str(args.init or ""), init_git=args.init_git, lr=args.lr, full_hue=args.full_hue,
-                      layers_per_block=args.layers_per_block)
+                      layers_per_block=args.layers_per_block, global_colour_weight=args.global_colour_weight)
     if args.crops:
         cfg = dataclasses.replace(cfg, phases=parse_crops(args.crops))
     if args.smoke:

@@ -306,3 +306,21 @@ def test_deepen_adds_identity_resnets_and_refuses_other_models():
         tsv.deepen(src, wider)
     with pytest.raises(ValueError, match="cannot deepen: .* not in the deeper model"):
         tsv.deepen(dst, src)
+
+
+def test_global_colour_term_costs_a_uniform_cast_and_is_off_by_default():
+    """--global-colour-weight adds the L1 of each crop's mean colour: zero for a perfect
+    reconstruction, the size of the cast for a uniformly tinted one, and off unless asked."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import train_small_vae as tsv
+
+    assert tsv.TrainConfig().global_colour_weight == 0.0
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    cast = torch.tensor([0.0, -0.1, 0.0]).view(1, 3, 1, 1)  # a green deficit of 0.1 everywhere
+    diff = (tsv.image_colour(x + cast) - tsv.image_colour(x)).abs()
+    assert diff.shape == (2, 5)
+    torch.testing.assert_close(diff[:, :3], cast.abs().view(1, 3).expand(2, 3))
+    # YIQ chroma of a pure green deficit: I = -0.274 * -0.1, Q = -0.523 * -0.1
+    torch.testing.assert_close(diff[:, 3:], torch.tensor([[0.0274, 0.0523]] * 2), rtol=0, atol=1e-6)
+    assert (tsv.image_colour(x) - tsv.image_colour(x.clone())).abs().max() == 0
