@@ -243,8 +243,7 @@ def block_colour(x: torch.Tensor, k: int = 8) -> torch.Tensor:
 
 def image_colour(x: torch.Tensor) -> torch.Tensor:
     """Mean colour of each image: RGB and YIQ-chroma means, (B, 5)."""
-    m = x.mean(dim=(2, 3))
-    return torch.cat([m, m @ _YIQ[1:].to(x.dtype).T], dim=1)
+    return block_colour(x.mean(dim=(2, 3), keepdim=True), k=1).flatten(1)
 
 
 def vae_loss(vae: AutoencoderKL, x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator):
