@@ -605,7 +605,7 @@ norm_num_groups {m['config']['norm_num_groups']}, 4 latent channels, single-head
 images; `vae_core.latent_formats` family "demo" holds the same value); `shift_factor` = None.
 Stored in fp16 to fit 5 MB; `vae_core`'s loader copies the weights into fp32 parameters, so it
 runs in fp32 unless a dtype is chosen. The shipped weights are an exponential moving average
-(decay {TrainConfig.ema_decay}) of the trained ones.
+(decay {m.get('ema_decay', TrainConfig.ema_decay):g} per step) of the trained ones.
 
 ```json
 {cfg}
@@ -645,7 +645,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
   on small crops casts whole photos; the second model trained on 128-256 px crops.{HISTORY_FULL_HUE if m.get('full_hue') else ''}
 {HISTORY.get(m.get('init_git', '2d26bec'), '')}  The held-out photos were looked at during these runs to make these choices.
 - Reproduce: {('`git show ' + m.get('init_git', '2d26bec') + ':models/vae/autoencoderkl-demo-f8.safetensors > ' + m['init'] + '`, then ') if m.get('init') else ''}`.venv/bin/python scripts/train_small_vae.py --fetch-data --out models
-  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}`
+  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}`
   (`--fetch-data` runs `apt-get download` into `$AKL_TRAIN_DATA`, default `outputs/train_data`).
   Data order, crops and noise are seeded, but the LR schedule follows
   max(step / steps, elapsed / minutes): a run that the clock stops (as this one{' was' if m['steps'] < m['steps_target'] else ' was not'})
@@ -908,6 +908,7 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
         "lr": cfg.lr,
         "full_hue": cfg.full_hue,
         "global_colour_weight": cfg.global_colour_weight,
+        "ema_decay": cfg.ema_decay,
         "init": Path(cfg.init).name if cfg.init else None,
         "init_git": cfg.init_git,
         "debian_packages": dict(images.DEBIAN_PACKAGES) if cfg.debian else {},
@@ -984,6 +985,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--global-colour-weight", type=float, default=TrainConfig.global_colour_weight,
                     help="weight of an L1 term on each crop's mean colour (0: off, as the shipped model)")
     ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW peak learning rate")
+    ap.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay,
+                    help="per-step decay of the moving average that is shipped (0.995: ~200 steps of memory; "
+                         "0.999: ~1000)")
     ap.add_argument("--before", type=Path, default=None,
                     help="the model this one replaces (e.g. `git show 2d26bec:models/vae/"
                          "autoencoderkl-demo-f8.safetensors > first.safetensors`): scored on the card and "
@@ -996,7 +1000,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, seed=args.seed, threads=args.threads,
                       debian=not (args.no_debian or args.smoke), bf16=not args.fp32,
                       init=str(args.init or ""), init_git=args.init_git, lr=args.lr, full_hue=args.full_hue,
-                      layers_per_block=args.layers_per_block, global_colour_weight=args.global_colour_weight)
+                      layers_per_block=args.layers_per_block, global_colour_weight=args.global_colour_weight,
+                      ema_decay=args.ema_decay)
     if args.crops:
         cfg = dataclasses.replace(cfg, phases=parse_crops(args.crops))
     if args.smoke:

@@ -258,7 +258,8 @@ def test_half_precision_decode_of_a_real_photo(dtype, record_property):
 def test_train_script_smoke(tmp_path):
     pytest.importorskip("skimage")
     proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "train_small_vae.py"), "--smoke", "--out", str(tmp_path), "--threads", "1"],
+        [sys.executable, str(SCRIPTS / "train_small_vae.py"), "--smoke", "--out", str(tmp_path), "--threads", "1",
+         "--ema-decay", "0.999"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -271,6 +272,10 @@ def test_train_script_smoke(tmp_path):
     assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"], rel=1e-6)
     for name in ("MODEL_CARD.md", "train_log.csv", "loss_curve.png", "samples/chelsea.png"):
         assert (tmp_path / name).is_file(), name
+    # a non-default option must reach the record and the card's reproduce command
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert metrics["ema_decay"] == 0.999
+    assert "(decay 0.999 per step)" in card and " --ema-decay 0.999 " in card
     assert vae.info["family"] == "demo" and "not SD-compatible" in vae.info["description"]
     assert vae.dtype == torch.float32 and metrics["storage"].startswith("fp16")
     with torch.no_grad():
