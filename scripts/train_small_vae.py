@@ -560,14 +560,13 @@ def write_model_card(out: Path, m: dict) -> None:
     def licence_rows(split):
         return _licence_rows(split, bool(m.get("debian_packages")))
 
-    shift = _shift_text
     heldout = _heldout_rows(m["heldout"])
     meets = all(r["psnr"] >= 25.0 for r in m["heldout"].values()) and m["max_colour_shift"] <= 2.0
     cfg = json.dumps(m["config"], indent=2)
     n_train = len(images.names("train", bool(m.get("debian_packages"))))
     pkgs = ", ".join(f"`{k}` {v}" for k, v in (m.get("debian_packages") or {}).items())
     first = m.get("first_model") or {}
-    first_rows = "\n".join(f"| {n} | {r['psnr']:.2f} | {r['ssim']:.4f} | {shift(r)} |" for n, r in first.items())
+    first_rows = "\n".join(f"| {n} | {r['psnr']:.2f} | {r['ssim']:.4f} | {_shift_text(r)} |" for n, r in first.items())
     text = f"""# {NAME}: a small KL-f8 VAE for demos and tests
 
 **Family: demo. Not SD-compatible.** Its latents mean nothing to any diffusion model (SD1.x,
