@@ -507,20 +507,21 @@ _SECOND_CAST = ("  The second model (a 30 min fine-tune of the first, git ad7780
 HISTORY_THIRD = (_SECOND_CAST + " This\n"
                  "  run, the third model, fine-tunes the second with the 15 photos of lomiri-wallpapers-16.04\n"
                  "  added and on 192-320 px crops (GroupNorm statistics nearer a whole photo's).\n")
-HISTORY_FOURTH = (_SECOND_CAST + "\n"
-                  "  The third model (git 188b03b) fine-tuned the second 95 min with the 15 photos of\n"
-                  "  lomiri-wallpapers-16.04 added, on 192-320 px crops (GroupNorm statistics nearer a whole\n"
-                  "  photo's): 24.51 dB mean held-out PSNR, worst shift 13.5/255, and every held-out photo still\n"
-                  "  lost green (G -5 to -13.5/255, R and B within 2). Reconstructed in 2x2 pieces (each with its\n"
-                  "  own GroupNorm statistics) the cat lost less green (-3.1/255) but the dune more (-15.2): the\n"
-                  "  cast is colour that does not generalise, not only a crop-size mismatch. This run, the fourth\n"
-                  "  model, fine-tunes the third 88 min with KDE Plasma's 11 photos added (50 training images).\n"
-                  "  Beside it ran the same fine-tune with one more resnet per level (`--layers-per-block 2`,\n"
-                  "  1.55 M parameters; the added resnets start as identities, so it starts from the third\n"
-                  "  model's outputs): 0.67 s per step against 0.46, and in the same 88 min 24.83 dB mean\n"
-                  "  held-out PSNR, worst shift 7.3/255, against this model's 25.04 dB and 6.3/255. Not shipped.\n")
-HISTORY_FIFTH = (HISTORY_FOURTH.replace("This run, the fourth\n  model, fine-tunes", "The fourth\n  model (git 894ae08) fine-tuned")
-                 .replace("against this model's 25.04 dB", "against the fourth's 25.04 dB") +
+_THIRD_MODEL = ("  The third model (git 188b03b) fine-tuned the second 95 min with the 15 photos of\n"
+                "  lomiri-wallpapers-16.04 added, on 192-320 px crops (GroupNorm statistics nearer a whole\n"
+                "  photo's): 24.51 dB mean held-out PSNR, worst shift 13.5/255, and every held-out photo still\n"
+                "  lost green (G -5 to -13.5/255, R and B within 2). Reconstructed in 2x2 pieces (each with its\n"
+                "  own GroupNorm statistics) the cat lost less green (-3.1/255) but the dune more (-15.2): the\n"
+                "  cast is colour that does not generalise, not only a crop-size mismatch.")
+_FOURTH_RUN = ("the third 88 min with KDE Plasma's 11 photos added (50 training images).\n"
+               "  Beside it ran the same fine-tune with one more resnet per level (`--layers-per-block 2`,\n"
+               "  1.55 M parameters; the added resnets start as identities, so it starts from the third\n"
+               "  model's outputs): 0.67 s per step against 0.46, and in the same 88 min 24.83 dB mean\n"
+               "  held-out PSNR, worst shift 7.3/255, against {who} 25.04 dB and 6.3/255. Not shipped.\n")
+HISTORY_FOURTH = (_SECOND_CAST + "\n" + _THIRD_MODEL + " This run, the fourth\n  model, fine-tunes "
+                  + _FOURTH_RUN.format(who="this model's"))
+HISTORY_FIFTH = (_SECOND_CAST + "\n" + _THIRD_MODEL + " The fourth\n  model (git 894ae08) fine-tuned "
+                 + _FOURTH_RUN.format(who="the fourth's") +
                  "  The fourth model's held-out colour swung by 2.5-7.7/255 between evaluations 500 steps apart:\n"
                  "  a moving average of ~200 steps did not average out the drift of batch-1 full-hue crops. This\n"
                  "  run, the fifth model, fine-tunes the fourth 100 min at half its learning rate with a longer\n"
