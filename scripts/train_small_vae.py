@@ -531,6 +531,25 @@ HISTORY_FIFTH = (_SECOND_CAST + "\n" + _THIRD_MODEL + " The fourth\n  model (git
                  "  model's 25.15 dB, -4.0 and -5.6, worst 5.6/255. Not shipped.\n")
 # The history paragraph of a card, by the git commit of the model it was fine-tuned from.
 HISTORY = {"ad77800": HISTORY_THIRD, "188b03b": HISTORY_FOURTH, "894ae08": HISTORY_FIFTH}
+# Minutes of the fine-tunes behind the model shipped at each commit (the first: 18 min from scratch).
+FINE_TUNES = {"2d26bec": (), "ad77800": (30,), "188b03b": (30, 95), "894ae08": (30, 95, 88)}
+_COUNT = {1: "one fine-tune", 2: "two fine-tunes", 3: "three fine-tunes", 4: "four fine-tunes", 5: "five fine-tunes"}
+
+
+def _training_span(m: dict) -> str:
+    """How long the model was trained in all, for the card's Limits: this run's wall clock plus,
+    for a fine-tune, the runs behind its --init model (FINE_TUNES, by --init-git)."""
+    this = round(m["wall_s"] / 60)
+    if not m.get("init"):
+        return f"{this} min from random weights"
+    earlier = FINE_TUNES.get(m.get("init_git", "2d26bec"))
+    if earlier is None:
+        return f"a {this} min fine-tune of the model at git {m['init_git']}"
+    runs = [*earlier, this]
+    minutes = runs[0] if len(runs) == 1 else ", ".join(map(str, runs[:-1])) + f" and {runs[-1]}"
+    return f"18 min from scratch, then {_COUNT.get(len(runs), f'{len(runs)} fine-tunes')} of {minutes} min"
+
+
 # Title of the "before" table, by the git commit of the model this one was fine-tuned from.
 BEFORE_TITLE = {"2d26bec": "The first demo model (1.13 M parameters, fp32, 18 min of training on skimage.data only)",
                 "ad77800": "The second demo model (git ad77800: the first, fine-tuned 30 min on 128-256 px crops of 24 photos)",
@@ -703,7 +722,7 @@ Held out:
 
 ## Limits
 
-- Small and briefly trained (18 min from scratch, then three fine-tunes of 30, 95 and 88 min, one
+- Small and briefly trained ({_training_span(m)}, one
   CPU thread): soft fine texture (fur, whiskers, foliage, sand), and photos unlike the training
   set still shift colour (see the held-out table): colour does not yet generalise from
   {n_train} training images. Next: hundreds of photos and several hours on more cores, or a

@@ -329,3 +329,20 @@ def test_global_colour_term_costs_a_uniform_cast_and_is_off_by_default():
     # YIQ chroma of a pure green deficit: I = -0.274 * -0.1, Q = -0.523 * -0.1
     torch.testing.assert_close(diff[:, 3:], torch.tensor([[0.0274, 0.0523]] * 2), rtol=0, atol=1e-6)
     assert (tsv.image_colour(x) - tsv.image_colour(x.clone())).abs().max() == 0
+
+
+def test_card_training_span_counts_every_run_of_the_lineage():
+    """The card's Limits line sums the lineage from FINE_TUNES: it must name each earlier fine-tune
+    and this run, and say only what it knows for a commit outside the table."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import train_small_vae as tsv
+
+    m = {"wall_s": 6000.5, "init": "demo4-f8.safetensors", "init_git": "894ae08"}
+    assert tsv._training_span(m) == "18 min from scratch, then four fine-tunes of 30, 95, 88 and 100 min"
+    assert tsv._training_span({**m, "init_git": "2d26bec"}) == "18 min from scratch, then one fine-tune of 100 min"
+    assert tsv._training_span({**m, "init_git": "0000000"}) == "a 100 min fine-tune of the model at git 0000000"
+    assert tsv._training_span({**m, "init": None}) == "100 min from random weights"
+    # the shipped card was written by this code, for its own lineage
+    shipped = json.loads((ROOT / "models" / "metrics.json").read_text())
+    assert tsv._training_span(shipped) in (ROOT / "models" / "MODEL_CARD.md").read_text().replace("\n  ", " ")
