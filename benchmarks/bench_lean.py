@@ -6,6 +6,7 @@ tensor bytes (`live_bytes.py`), measured in separate calls. Not a test: no asser
 
     python benchmarks/bench_lean.py --sizes 1024 2048 --tile 256
     python benchmarks/bench_lean.py --channels 128 256 512 512   # the SD-size VAE (slow on a CPU)
+    python benchmarks/bench_lean.py --sizes 1024 --tile 128 --store-budget 300   # memory spent on checkpoints
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def main() -> None:
     ap.add_argument("--ops", nargs="+", default=["decode"], choices=["decode", "encode"])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--store-budget", type=float, default=0.0,
+                    help="MiB the tiler's checkpoints may peak at (0: the leanest plan, the issue's target)")
     args = ap.parse_args()
 
     import torch
@@ -41,8 +44,9 @@ def main() -> None:
     model = AutoencoderKL(block_out_channels=tuple(args.channels), down_block_types=("DownEncoderBlock2D",) * 4,
                           up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
                           norm_num_groups=32).eval()
+    budget = int(args.store_budget * 2**20)
     print(f"torch {torch.__version__}, {args.threads} threads, channels {args.channels}, tile {args.tile}, "
-          f"best of {args.repeats}; memory = peak live tensor bytes of the call")
+          f"store_budget {args.store_budget:g} MiB, best of {args.repeats}; memory = peak live tensor bytes of the call")
     print("| op | size | untiled s | lean s | time ratio | untiled MiB | lean MiB | memory ratio | max abs diff |")
     print("|---|---|---|---|---|---|---|---|---|")
 
@@ -60,12 +64,12 @@ def main() -> None:
             if op == "decode":
                 inp = torch.randn(1, 4, size // 8, size // 8, generator=g)
                 untiled = lambda: model.decode(inp).sample  # noqa: E731
-                lean = lambda: exact_tiled_decode(model, inp, tile_size=args.tile, store_budget=0)  # noqa: E731
+                lean = lambda: exact_tiled_decode(model, inp, tile_size=args.tile, store_budget=budget)  # noqa: E731
             else:
                 small = torch.rand(1, 3, size // 16, size // 16, generator=g) * 2 - 1
                 inp = torch.nn.functional.interpolate(small, size=(size, size), mode="bilinear")
                 untiled = lambda: model._moments(inp)  # noqa: E731
-                lean = lambda: exact_tiled_encode(model, inp, tile_size=args.tile, store_budget=0)  # noqa: E731
+                lean = lambda: exact_tiled_encode(model, inp, tile_size=args.tile, store_budget=budget)  # noqa: E731
             with torch.inference_mode():
                 ref, out = untiled(), lean()
                 diff = (ref.float() - out.float()).abs().max().item()

@@ -28,6 +28,20 @@ def test_bench_lean_prints_both_ratios_and_the_tiled_result_is_exact():
         assert diff < 1e-4, f"the lean exact plan differs from untiled by {diff}"
 
 
+def test_bench_lean_store_budget_reaches_the_tiler():
+    """--store-budget hands the tiler memory for checkpoints: the plan that may store everything
+    holds more than the leanest one, and is still exact."""
+    def decode_row(*extra):
+        out = _run("benchmarks/bench_lean.py", "--sizes", "128", "--tile", "64", "--repeats", "1", "--threads", "1",
+                   "--channels", "32", "32", "64", "64", "--ops", "decode", *extra)
+        assert f"store_budget {extra[1] if extra else 0} MiB" in out, out
+        return next(line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| decode | 128 |"))
+
+    lean, stored = decode_row(), decode_row("--store-budget", "1000")
+    assert float(stored[8]) < 1e-4, stored
+    assert float(stored[6]) > float(lean[6]), (lean, stored)  # MiB held by the tiled run
+
+
 def test_bench_limits_measures_each_row_with_live_tensor_memory():
     out = _run("benchmarks/bench_limits.py", "--sizes", "64", "--dtypes", "fp32", "--ops", "decode",
                "--impls", "ours", "diffusers", "--repeats", "1", "--threads", "1")
