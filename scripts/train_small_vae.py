@@ -649,7 +649,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
   Colour photos get 85% of the draws. Grey images are fed as RGB.
 - Loss: the reparameterised negative ELBO with an L1 likelihood on pixels in [-1, 1]
   (Kingma & Welling 2014): L1 + {TrainConfig.edge_weight} * L1 of horizontal/vertical image differences
-  + {TrainConfig.colour_weight} * L1 of 8x8 block means (RGB and the YIQ chroma planes: the local colour,
+  + {m.get('colour_weight', TrainConfig.colour_weight):g} * L1 of 8x8 block means (RGB and the YIQ chroma planes: the local colour,
   so a cast costs everywhere){(' + ' + format(m['global_colour_weight'], 'g') + ' * L1 of each crop' + chr(39) + 's mean colour (the same planes)') if m.get('global_colour_weight') else ''} + beta * KL(q(z|x) || N(0, I)) with beta = {TrainConfig.kl_weight:g} relative
   to the per-image summed L1 (the weight of LDM's kl-f8 config). No perceptual or adversarial loss.
 - {('Initialised from `' + m['init'] + '`, the demo model shipped at git ' + m.get('init_git', '2d26bec') + ' (the same architecture; its own card, at that commit, says how it was made), then fine-tuned here. ') if m.get('init') else 'From random weights. '}
@@ -674,7 +674,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
   on small crops casts whole photos; the second model trained on 128-256 px crops.{HISTORY_FULL_HUE if m.get('full_hue') else ''}
 {HISTORY.get(m.get('init_git', '2d26bec'), '')}  The held-out photos were looked at during these runs to make these choices.
 - Reproduce: {('`git show ' + m.get('init_git', '2d26bec') + ':models/vae/autoencoderkl-demo-f8.safetensors > ' + m['init'] + '`, then ') if m.get('init') else ''}`.venv/bin/python scripts/train_small_vae.py --fetch-data --out models
-  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}`
+  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --colour-weight ' + format(m['colour_weight'], 'g')) if m.get('colour_weight', TrainConfig.colour_weight) != TrainConfig.colour_weight else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}`
   (`--fetch-data` runs `apt-get download` into `$AKL_TRAIN_DATA`, default `outputs/train_data`).
   Data order, crops and noise are seeded, but the LR schedule follows
   max(step / steps, elapsed / minutes): a run that the clock stops (as this one{' was' if m['steps'] < m['steps_target'] else ' was not'})
@@ -937,6 +937,7 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
         "lr": cfg.lr,
         "full_hue": cfg.full_hue,
         "global_colour_weight": cfg.global_colour_weight,
+        "colour_weight": cfg.colour_weight,
         "ema_decay": cfg.ema_decay,
         "init": Path(cfg.init).name if cfg.init else None,
         "init_git": cfg.init_git,
@@ -1013,6 +1014,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="resnets per encoder level; an --init model with fewer is deepened (identity resnets added)")
     ap.add_argument("--global-colour-weight", type=float, default=TrainConfig.global_colour_weight,
                     help="weight of an L1 term on each crop's mean colour (0: off, as the shipped model)")
+    ap.add_argument("--colour-weight", type=float, default=TrainConfig.colour_weight,
+                    help="weight of the L1 term on 8x8 block means (RGB and YIQ chroma: the local colour)")
     ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW peak learning rate")
     ap.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay,
                     help="per-step decay of the moving average that is shipped (0.995: ~200 steps of memory; "
@@ -1030,7 +1033,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       debian=not (args.no_debian or args.smoke), bf16=not args.fp32,
                       init=str(args.init or ""), init_git=args.init_git, lr=args.lr, full_hue=args.full_hue,
                       layers_per_block=args.layers_per_block, global_colour_weight=args.global_colour_weight,
-                      ema_decay=args.ema_decay)
+                      colour_weight=args.colour_weight, ema_decay=args.ema_decay)
     if args.crops:
         cfg = dataclasses.replace(cfg, phases=parse_crops(args.crops))
     if args.smoke:
