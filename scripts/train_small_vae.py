@@ -88,6 +88,7 @@ class TrainConfig:
     threads: int = 1
     debian: bool = True  # train and test on the Debian photos too (False: skimage.data only)
     full_hue: bool = False  # colour jitter: any hue angle on half the colour crops (else +-20 deg on a quarter)
+    jitter_share: float = 0.0  # share of the colour crops that are jittered; 0: the default above
     init: str = ""  # start from this single-file model (same architecture) instead of random weights
     init_git: str = "2d26bec"  # the git commit that shipped `init` (for the card's reproduce line)
     # resnets per encoder level (the decoder has one more); an `init` model with fewer is deepened
@@ -161,11 +162,14 @@ class CropSampler:
 
     SCALES = (1.0, 0.7, 0.5, 0.35)
 
-    def __init__(self, names: List[str], rng: np.random.Generator, min_crop: int, full_hue: bool = False):
+    def __init__(self, names: List[str], rng: np.random.Generator, min_crop: int, full_hue: bool = False,
+                 jitter_share: float = 0.0):
         from PIL import Image
 
         self.rng = rng
         self.full_hue = full_hue  # the first model's jitter: half the colour crops, any hue angle
+        # share of the colour crops that are recoloured (grey crops: always half get a tint)
+        self.jitter_share = jitter_share or (0.5 if full_hue else 0.25)
         self.pyramids: List[List[torch.Tensor]] = []
         self.colour: List[bool] = []
         for name in names:
@@ -201,7 +205,7 @@ class CropSampler:
                 x = x.flip(2)
             if not self.colour[i] and self.rng.random() < 0.5:
                 x = x.flip(1)  # grey images are textures and coins: upside down is still natural
-            if self.rng.random() < (0.25 if self.colour[i] and not self.full_hue else 0.5):
+            if self.rng.random() < (self.jitter_share if self.colour[i] else 0.5):
                 x = self.recolour(x, self.colour[i])
             out.append(x)
         return torch.stack(out).contiguous()  # (B, 3, crop, crop)
@@ -562,6 +566,16 @@ def crops_arg(phases) -> str:
     return ",".join(f"{p:g}:{c}x{b}" for p, c, b in phases)
 
 
+def jitter_text(m: dict) -> str:
+    """The card's sentence on colour jitter for a run's metrics `m`."""
+    text = JITTER_FULL if m.get("full_hue") else JITTER_MILD
+    share = m.get("jitter_share") or 0.0
+    if share:
+        text = text.replace("half of the colour crops" if m.get("full_hue") else "a quarter of the colour crops",
+                            "all of the colour crops" if share >= 1 else f"{share:.0%} of the colour crops")
+    return text
+
+
 JITTER_MILD = ("Colour jitter on a quarter of the colour crops: chroma (YIQ) turned by at most\n"
                "  20 degrees and scaled by 0.8-1.25, brightness/contrast by a few per cent.")
 JITTER_FULL = ("Colour jitter on half of the colour crops: chroma (YIQ) turned by any angle and scaled\n"
@@ -644,7 +658,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
 
 - Data: the {n_train} training images listed below (skimage.data{', and photos from the Debian packages ' + pkgs + ', fetched with `apt-get download` and unpacked with `dpkg-deb -x`' if pkgs else ''}).
   Debian photos are read at 1024 px on the longer side. Random crops at scales 1, 0.7, 0.5 and
-  0.35 of each image, horizontal flips (and vertical ones on the grey textures). {JITTER_FULL if m.get('full_hue') else JITTER_MILD}
+  0.35 of each image, horizontal flips (and vertical ones on the grey textures). {jitter_text(m)}
   Half of the grey crops get a uniform tint.
   Colour photos get 85% of the draws. Grey images are fed as RGB.
 - Loss: the reparameterised negative ELBO with an L1 likelihood on pixels in [-1, 1]
@@ -674,7 +688,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
   on small crops casts whole photos; the second model trained on 128-256 px crops.{HISTORY_FULL_HUE if m.get('full_hue') else ''}
 {HISTORY.get(m.get('init_git', '2d26bec'), '')}  The held-out photos were looked at during these runs to make these choices.
 - Reproduce: {('`git show ' + m.get('init_git', '2d26bec') + ':models/vae/autoencoderkl-demo-f8.safetensors > ' + m['init'] + '`, then ') if m.get('init') else ''}`.venv/bin/python scripts/train_small_vae.py --fetch-data --out models
-  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --colour-weight ' + format(m['colour_weight'], 'g')) if m.get('colour_weight', TrainConfig.colour_weight) != TrainConfig.colour_weight else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}`
+  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --jitter-share ' + format(m['jitter_share'], 'g')) if m.get('jitter_share') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --colour-weight ' + format(m['colour_weight'], 'g')) if m.get('colour_weight', TrainConfig.colour_weight) != TrainConfig.colour_weight else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}`
   (`--fetch-data` runs `apt-get download` into `$AKL_TRAIN_DATA`, default `outputs/train_data`).
   Data order, crops and noise are seeded, but the LR schedule follows
   max(step / steps, elapsed / minutes): a run that the clock stops (as this one{' was' if m['steps'] < m['steps_target'] else ' was not'})
@@ -805,7 +819,7 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
     rng = np.random.default_rng(cfg.seed)
     noise = torch.Generator().manual_seed(cfg.seed + 1)
     min_crop = min(p[1] for p in cfg.phases)  # levels smaller than every crop are dropped
-    sampler = CropSampler(images.names("train", cfg.debian), rng, min_crop, cfg.full_hue)
+    sampler = CropSampler(images.names("train", cfg.debian), rng, min_crop, cfg.full_hue, cfg.jitter_share)
     heldout = heldout_images(cfg.eval_max_side, cfg.debian)
 
     vae = AutoencoderKL(**model_config(cfg))
@@ -936,6 +950,7 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
         "bf16_autocast": cfg.bf16,
         "lr": cfg.lr,
         "full_hue": cfg.full_hue,
+        "jitter_share": cfg.jitter_share,
         "global_colour_weight": cfg.global_colour_weight,
         "colour_weight": cfg.colour_weight,
         "ema_decay": cfg.ema_decay,
@@ -1007,6 +1022,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="the git commit whose models/vae/ file is --init (written on the card)")
     ap.add_argument("--full-hue", action="store_true",
                     help="colour jitter at any hue angle on half the colour crops (the first model's)")
+    ap.add_argument("--jitter-share", type=float, default=TrainConfig.jitter_share,
+                    help="share of the colour crops that get the colour jitter (0: half with --full-hue, else a quarter)")
     ap.add_argument("--crops", default=None,
                     help="crop schedule as START:PXxBATCH,... by progress, e.g. 0:192x1,0.3:256x1,0.6:320x1 "
                          "(default: the TrainConfig phases)")
@@ -1031,7 +1048,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, seed=args.seed, threads=args.threads,
                       debian=not (args.no_debian or args.smoke), bf16=not args.fp32,
-                      init=str(args.init or ""), init_git=args.init_git, lr=args.lr, full_hue=args.full_hue,
+                      init=str(args.init or ""), init_git=args.init_git, lr=args.lr, full_hue=args.full_hue, jitter_share=args.jitter_share,
                       layers_per_block=args.layers_per_block, global_colour_weight=args.global_colour_weight,
                       colour_weight=args.colour_weight, ema_decay=args.ema_decay)
     if args.crops:
