@@ -346,3 +346,24 @@ def test_card_training_span_counts_every_run_of_the_lineage():
     # the shipped card was written by this code, for its own lineage
     shipped = json.loads((ROOT / "models" / "metrics.json").read_text())
     assert tsv._training_span(shipped) in (ROOT / "models" / "MODEL_CARD.md").read_text().replace("\n  ", " ")
+
+
+def test_jitter_share_sets_how_many_colour_crops_are_recoloured_and_the_card_says_so(monkeypatch):
+    """--jitter-share: the share of colour crops that get the colour jitter (1: every one, so no
+    crop shows its photo's own colours); 0 keeps the old defaults. The card's sentence follows."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import train_small_vae as tsv
+
+    photo = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)  # one colour "photo"
+    monkeypatch.setattr(tsv.images, "load_rgb", lambda name: photo)
+    for share, full_hue, expected in ((1.0, True, 1.0), (0.0, True, 0.5), (0.0, False, 0.25), (0.8, False, 0.8)):
+        sampler = tsv.CropSampler(["photo"], np.random.default_rng(1), 16, full_hue, share)
+        calls = []
+        monkeypatch.setattr(sampler, "recolour", lambda x, colour: calls.append(colour) or x)
+        sampler.batch(16, 400)
+        assert abs(len(calls) / 400 - expected) < 0.07, (share, full_hue, len(calls))
+    assert "all of the colour crops" in tsv.jitter_text({"full_hue": True, "jitter_share": 1.0})
+    assert "half of the colour crops" in tsv.jitter_text({"full_hue": True})
+    assert "a quarter of the colour crops" in tsv.jitter_text({"full_hue": False, "jitter_share": 0.0})
+    assert "75% of the colour crops" in tsv.jitter_text({"full_hue": True, "jitter_share": 0.75})
