@@ -2,7 +2,10 @@
 
 Issue 16's target: at 1024² and 2048², the lean plan within 1.3x the untiled time at no more than
 1/3 of its peak memory. Times are best-of wall clock in this process; memory is the peak of live
-tensor bytes (`live_bytes.py`), measured in separate calls. Not a test: no asserts.
+tensor bytes (`live_bytes.py`), measured in separate calls. "planned MACs" is the plan's conv
+multiply-adds over the untiled model's (`exact_tiling.planned_work`, halos aside): the part of the
+time ratio that recomputation alone explains; the rest is per-tile overhead (copies, GroupNorm
+on tiles, halos). Not a test: no asserts.
 
     python benchmarks/bench_lean.py --sizes 1024 2048 --tile 256
     python benchmarks/bench_lean.py --channels 128 256 512 512   # the SD-size VAE (slow on a CPU)
@@ -37,7 +40,7 @@ def main() -> None:
     import torch
 
     from vae_core import AutoencoderKL
-    from vae_core.exact_tiling import exact_tiled_decode, exact_tiled_encode
+    from vae_core.exact_tiling import exact_tiled_decode, exact_tiled_encode, planned_work
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -47,8 +50,9 @@ def main() -> None:
     budget = int(args.store_budget * 2**20)
     print(f"torch {torch.__version__}, {args.threads} threads, channels {args.channels}, tile {args.tile}, "
           f"store_budget {args.store_budget:g} MiB, best of {args.repeats}; memory = peak live tensor bytes of the call")
-    print("| op | size | untiled s | lean s | time ratio | untiled MiB | lean MiB | memory ratio | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| op | size | untiled s | lean s | time ratio | untiled MiB | lean MiB | memory ratio | max abs diff "
+          "| planned MACs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
 
     def best(fn):
         times = []
@@ -76,8 +80,9 @@ def main() -> None:
                 del ref, out
                 tu, tl = best(untiled), best(lean)
                 mu, ml = live_peak_bytes(untiled), live_peak_bytes(lean)
+            work = planned_work(op, model, inp, tile_size=args.tile, store_budget=budget)
             print(f"| {op} | {size} | {tu:.2f} | {tl:.2f} | {tl / tu:.2f} | {mu / 2**20:.0f} | {ml / 2**20:.0f} | "
-                  f"{ml / mu:.2f} | {diff:.1e} |", flush=True)
+                  f"{ml / mu:.2f} | {diff:.1e} | {work:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

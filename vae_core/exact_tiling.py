@@ -330,6 +330,13 @@ def _macs(n: Node) -> int:
     return n.channels * hw  # norm, activation, add: memory-bound, about one pass over the tensor
 
 
+def _conv_macs(n: Node) -> int:
+    """Multiply-adds of `n`'s convolutions alone (none for norms, adds without a shortcut, attention)."""
+    if isinstance(n, (ConvNode, DownNode, UpNode)) or (isinstance(n, AddNode) and n.shortcut is not None):
+        return _macs(n)
+    return 0
+
+
 # -- storage and statistics ---------------------------------------------------------------
 
 
@@ -504,9 +511,10 @@ class _ExactRun:
             chosen.add(id(best[1]))
             work -= best[0]
 
-    def _work(self, passes: List[Tuple[Node, str]]) -> int:
+    def _work(self, passes: List[Tuple[Node, str]], macs: Callable[[Node], int] = _macs) -> int:
         """Multiply-adds of a run of `passes` (halos aside): each pass evaluates every tensor between
-        its node and the checkpoints before it once (shared tensors are memoised within a tile)."""
+        its node and the checkpoints before it once (shared tensors are memoised within a tile).
+        `macs` counts one node over its whole output."""
         stored = {id(self.inp)}
         total = 0
         for n, what in passes:
@@ -517,7 +525,7 @@ class _ExactRun:
                 if id(m) in seen or id(m) in stored:
                     continue
                 seen.add(id(m))
-                total += _macs(m)
+                total += macs(m)
                 stack.extend(m.inputs)
             if "store" in what or what == "attn":
                 stored.add(id(n))
@@ -753,3 +761,20 @@ def exact_tiled_decode(model, z: torch.Tensor, tile_size: int = 512, callback: P
     inp, out = _decoder_graph(model, z)
     budget = _budget_elems("decode", model, z, tile_size, store_budget)
     return _ExactRun(inp, z, out, int(tile_size), budget, callback).run()
+
+
+def planned_work(kind: str, model, t: torch.Tensor, tile_size: int = 512, store_budget: Optional[int] = None) -> float:
+    """The convolution multiply-adds an exact tiled run with these arguments would do, as a multiple of
+    the untiled model's (halos aside: a tile's convs also compute their halo): what its recomputation
+    costs before any per-tile overhead. 1.0 when every checkpoint fits; the leanest plan
+    (`store_budget=0`) of an SD-style decoder at 1024^2 does about 1.35x, because the widest level's
+    conv1 outputs and upsampled tensors are recomputed. Plans only: nothing is evaluated. `kind` is
+    "encode" (t: pixels) or "decode" (t: latents)."""
+    if kind not in ("encode", "decode"):
+        raise ValueError(f"planned_work: kind must be 'encode' or 'decode', not {kind!r}")
+    _check_tile(tile_size, store_budget)
+    inp, out = (_encoder_graph if kind == "encode" else _decoder_graph)(model, t)
+    budget = _budget_elems(kind, model, t, tile_size, store_budget)
+    run = _ExactRun(inp, t, out, int(tile_size), budget, None)
+    inp.store = None  # the run held `t` as its input checkpoint; planning is done
+    return run._work(run.passes, _conv_macs) / sum(_conv_macs(n) for n in run.nodes)

@@ -23,9 +23,10 @@ def test_bench_lean_prints_both_ratios_and_the_tiled_result_is_exact():
     rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| (de|en)code \| 128 \|", line)]
     assert [r[0].strip() for r in rows] == ["decode", "encode"], out
     for r in rows:
-        time_ratio, mem_ratio, diff = float(r[4]), float(r[7]), float(r[8])
+        time_ratio, mem_ratio, diff, work = float(r[4]), float(r[7]), float(r[8]), float(r[9])
         assert time_ratio > 0 and mem_ratio > 0
         assert diff < 1e-4, f"the lean exact plan differs from untiled by {diff}"
+        assert work >= 1.0, f"a plan cannot do fewer conv multiply-adds than the untiled model ({work})"
 
 
 def test_bench_lean_store_budget_reaches_the_tiler():

@@ -1,6 +1,7 @@
 """Exact tiling equals the untiled model on tiny configs: many tiles, odd sizes, batch 2."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vae_core import AutoencoderKL
 from vae_core import exact_tiling
@@ -85,6 +86,36 @@ def test_more_store_budget_never_means_more_work_and_the_peak_stays_within_it(ki
     works = [w for _b, _p, w in runs]
     assert works == sorted(works, reverse=True)
     assert works[-1] < works[0], "a large budget must save recomputation"
+
+
+@pytest.mark.parametrize("kind", ["decode", "encode"])
+def test_planned_work_counts_the_convolutions_a_run_really_does(kind, monkeypatch):
+    """planned_work is the plan's conv multiply-adds over the untiled model's. With one tile (no
+    halos) a run must execute exactly that many: every conv call is counted as it runs (the 1x1
+    shortcuts sent through F.conv2d too, so that no conv goes uncounted)."""
+    model = tiny_vae()
+    t = torch.randn(1, 4, 32, 32) if kind == "decode" else torch.rand(1, 3, 256, 256) * 2 - 1
+    run = exact_tiled_decode if kind == "decode" else exact_tiled_encode
+    real, executed = F.conv2d, []
+
+    def counting(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+        y = real(x, w, b, stride, padding, dilation, groups)
+        executed.append(y.shape[0] * y.shape[2] * y.shape[3] * w.numel())
+        return y
+
+    monkeypatch.setattr(F, "conv2d", counting)
+    monkeypatch.setattr(exact_tiling, "onednn_ok", lambda *a: False)
+    done = {}
+    for budget in (0, 10**12):  # the leanest plan, and everything stored
+        executed.clear()
+        run(model, t, tile_size=1024, store_budget=budget)
+        done[budget] = sum(executed)
+    lean = exact_tiling.planned_work(kind, model, t, tile_size=1024, store_budget=0)
+    assert exact_tiling.planned_work(kind, model, t, tile_size=1024, store_budget=10**12) == 1.0
+    assert lean > 1.05, "the leanest plan recomputes conv1 outputs, so it must cost more than one pass"
+    assert done[0] / done[10**12] == pytest.approx(lean, rel=1e-12)
+    with pytest.raises(ValueError, match="kind"):
+        exact_tiling.planned_work("both", model, t)
 
 
 def test_store_budget_is_checked():
