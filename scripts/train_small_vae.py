@@ -536,7 +536,7 @@ HISTORY_FIFTH = (_SECOND_CAST + "\n" + _THIRD_MODEL + " The fourth\n  model (git
 # The history paragraph of a card, by the git commit of the model it was fine-tuned from.
 HISTORY = {"ad77800": HISTORY_THIRD, "188b03b": HISTORY_FOURTH, "894ae08": HISTORY_FIFTH}
 # Minutes of the fine-tunes behind the model shipped at each commit (the first: 18 min from scratch).
-FINE_TUNES = {"2d26bec": (), "ad77800": (30,), "188b03b": (30, 95), "894ae08": (30, 95, 88)}
+FINE_TUNES = {"2d26bec": (), "ad77800": (30,), "188b03b": (30, 95), "894ae08": (30, 95, 88), "4dfd22d": (30, 95, 88, 100)}
 _COUNT = {1: "one fine-tune", 2: "two fine-tunes", 3: "three fine-tunes", 4: "four fine-tunes", 5: "five fine-tunes"}
 
 
@@ -558,7 +558,8 @@ def _training_span(m: dict) -> str:
 BEFORE_TITLE = {"2d26bec": "The first demo model (1.13 M parameters, fp32, 18 min of training on skimage.data only)",
                 "ad77800": "The second demo model (git ad77800: the first, fine-tuned 30 min on 128-256 px crops of 24 photos)",
                 "188b03b": "The third demo model (git 188b03b: the second, fine-tuned 95 min on 192-320 px crops of 39 photos)",
-                "894ae08": "The fourth demo model (git 894ae08: the third, fine-tuned 88 min on 192-320 px crops of 50 photos)"}
+                "894ae08": "The fourth demo model (git 894ae08: the third, fine-tuned 88 min on 192-320 px crops of 50 photos)",
+                "4dfd22d": "The fifth demo model (git 4dfd22d: the fourth, fine-tuned 100 min on 256-320 px crops of 50 photos)"}
 
 
 def crops_arg(phases) -> str:
