@@ -78,6 +78,10 @@ class TrainConfig:
     # block costs each block little in the term above; this term weighs it once more, as a whole
     global_colour_weight: float = 0.0
     ema_decay: float = 0.995  # the shipped weights are an exponential moving average of the trained ones
+    # > 0: ship the mean of the EMA weights at each held-out evaluation from this progress on (and at the
+    # end) instead of the last EMA: a window of thousands of steps, which the per-step EMA cannot be
+    # without lagging far behind the learning rate schedule
+    average_from: float = 0.0
     bf16: bool = True  # bf16 autocast for the forward pass (AMX/AVX512-BF16 CPUs); weights stay fp32
     # beta of the KL term relative to the per-image *summed* L1, as LDM's kl-f8 (kl_weight=1e-6)
     kl_weight: float = 1e-6
@@ -567,6 +571,15 @@ def crops_arg(phases) -> str:
     return ",".join(f"{p:g}:{c}x{b}" for p, c, b in phases)
 
 
+def average_text(m: dict) -> str:
+    """The card's clause on snapshot averaging (--average-from), or nothing."""
+    if not m.get("average_from") or not m.get("averaged"):
+        return ""
+    return (f", averaged over the run's end: the mean of {m['averaged']} snapshots of that average, one at each\n"
+            f"held-out evaluation from {m['average_from']:.0%} of the run on and one at its last step\n"
+            f"(`--average-from {m['average_from']:g}`), so that colour drifting between evaluations averages out")
+
+
 def jitter_text(m: dict) -> str:
     """The card's sentence on colour jitter for a run's metrics `m`."""
     text = JITTER_FULL if m.get("full_hue") else JITTER_MILD
@@ -649,7 +662,7 @@ norm_num_groups {m['config']['norm_num_groups']}, 4 latent channels, single-head
 images; `vae_core.latent_formats` family "demo" holds the same value); `shift_factor` = None.
 Stored in fp16 to fit 5 MB; `vae_core`'s loader copies the weights into fp32 parameters, so it
 runs in fp32 unless a dtype is chosen. The shipped weights are an exponential moving average
-(decay {m.get('ema_decay', TrainConfig.ema_decay):g} per step) of the trained ones.
+(decay {m.get('ema_decay', TrainConfig.ema_decay):g} per step) of the trained ones{average_text(m)}.
 
 ```json
 {cfg}
@@ -689,7 +702,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
   on small crops casts whole photos; the second model trained on 128-256 px crops.{HISTORY_FULL_HUE if m.get('full_hue') else ''}
 {HISTORY.get(m.get('init_git', '2d26bec'), '')}  The held-out photos were looked at during these runs to make these choices.
 - Reproduce: {('`git show ' + m.get('init_git', '2d26bec') + ':models/vae/autoencoderkl-demo-f8.safetensors > ' + m['init'] + '`, then ') if m.get('init') else ''}`.venv/bin/python scripts/train_small_vae.py --fetch-data --out models
-  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --jitter-share ' + format(m['jitter_share'], 'g')) if m.get('jitter_share') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --colour-weight ' + format(m['colour_weight'], 'g')) if m.get('colour_weight', TrainConfig.colour_weight) != TrainConfig.colour_weight else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}`
+  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --jitter-share ' + format(m['jitter_share'], 'g')) if m.get('jitter_share') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --colour-weight ' + format(m['colour_weight'], 'g')) if m.get('colour_weight', TrainConfig.colour_weight) != TrainConfig.colour_weight else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --average-from ' + format(m['average_from'], 'g')) if m.get('average_from') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}`
   (`--fetch-data` runs `apt-get download` into `$AKL_TRAIN_DATA`, default `outputs/train_data`).
   Data order, crops and noise are seeded, but the LR schedule follows
   max(step / steps, elapsed / minutes): a run that the clock stops (as this one{' was' if m['steps'] < m['steps_target'] else ' was not'})
@@ -844,6 +857,8 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
     ema: Dict[str, float] = {}
     start = time.monotonic()
     step = 0
+    mean_params: Optional[List[torch.Tensor]] = None  # sum of EMA snapshots (cfg.average_from)
+    averaged = 0
     with open(log_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
@@ -887,6 +902,9 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
                     row["heldout_min_psnr"] = f"{min(r['psnr'] for r in res.values()):.3f}"
                     row["heldout_max_shift"] = f"{max(abs(c) for r in res.values() for c in r['colour_shift']):.2f}"
                     save_checkpoint(ema_vae, work / "checkpoint.safetensors", {"step": step, "wall_s": row["elapsed_s"]})
+                    if cfg.average_from and snapshot_progress(step, row["elapsed_s"], cfg) >= cfg.average_from:
+                        mean_params = add_snapshot(mean_params, ema_params)
+                        averaged += 1
                     print(f"step {step}: held-out PSNR mean {row['heldout_psnr']} min {row['heldout_min_psnr']} dB, "
                           f"max colour shift {row['heldout_max_shift']}, {row['elapsed_s']:.0f} s "
                           + " ".join(f"{n}={r['psnr']:.2f}" for n, r in res.items()), flush=True)
@@ -907,17 +925,38 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
                        edge_ema=f"{ema['edge']:.5f}", colour_ema=f"{ema['colour']:.5f}", kl_ema=f"{ema['kl']:.5f}")
             writer.writerow(row)
             rows.append({**row, **{k: float(row[k]) for k in EMA_KEYS}})
-    return ema_vae, step, wall, rows
+    if cfg.average_from:
+        mean_params = add_snapshot(mean_params, ema_params)  # the end of the run is a snapshot too
+        averaged += 1
+        with torch.no_grad():
+            for p, total in zip(ema_params, mean_params):
+                p.copy_(total / averaged)
+        print(f"shipped weights: the mean of {averaged} EMA snapshots from progress {cfg.average_from:g} on", flush=True)
+    return ema_vae, step, wall, rows, averaged
+
+
+def snapshot_progress(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
+    """Progress of the run at an evaluation (as the schedule counts it: steps or minutes, whichever is further)."""
+    return max(step / cfg.steps, float(elapsed_s) / (cfg.minutes * 60))
+
+
+def add_snapshot(total: Optional[List[torch.Tensor]], params: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Running float64 sum of parameter snapshots (the mean is taken once, at the end)."""
+    if total is None:
+        return [p.detach().double().clone() for p in params]
+    for t, p in zip(total, params):
+        t.add_(p.detach().double())
+    return total
 
 
 def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: int, wall: float,
-           rows: List[dict], before: Optional[Path] = None) -> dict:
+           rows: List[dict], before: Optional[Path] = None, averaged: int = 0) -> dict:
     """Scaling factor, export, evaluation of the exported file, card, plot, sample."""
     import skimage
 
     vae.eval()
     vae.config.scaling_factor = latent_scaling_factor(vae, images.names("train", cfg.debian), cfg.seed, cfg.eval_max_side)
-    save_checkpoint(vae, work / "final.safetensors", {"steps": steps, "wall_s": wall})
+    save_checkpoint(vae, work / "final.safetensors", {"steps": steps, "wall_s": wall, "averaged": averaged})
     weights = export_weights(vae, out)
     shipped = load_exported(weights).eval()  # evaluate what ships, not what is in memory
     heldout = heldout_images(cfg.eval_max_side, cfg.debian)
@@ -955,6 +994,8 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
         "global_colour_weight": cfg.global_colour_weight,
         "colour_weight": cfg.colour_weight,
         "ema_decay": cfg.ema_decay,
+        "average_from": cfg.average_from,
+        "averaged": averaged,
         "init": Path(cfg.init).name if cfg.init else None,
         "init_git": cfg.init_git,
         "debian_packages": dict(images.DEBIAN_PACKAGES) if cfg.debian else {},
@@ -1038,6 +1079,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay,
                     help="per-step decay of the moving average that is shipped (0.995: ~200 steps of memory; "
                          "0.999: ~1000)")
+    ap.add_argument("--average-from", type=float, default=TrainConfig.average_from,
+                    help="ship the mean of the EMA weights at the held-out evaluations from this progress (0-1) on "
+                         "and at the end (0: the last EMA, as before)")
     ap.add_argument("--before", type=Path, default=None,
                     help="the model this one replaces (e.g. `git show 2d26bec:models/vae/"
                          "autoencoderkl-demo-f8.safetensors > first.safetensors`): scored on the card and "
@@ -1050,6 +1094,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, seed=args.seed, threads=args.threads,
                       debian=not (args.no_debian or args.smoke), bf16=not args.fp32,
                       init=str(args.init or ""), init_git=args.init_git, lr=args.lr, full_hue=args.full_hue, jitter_share=args.jitter_share,
+                      average_from=args.average_from,
                       layers_per_block=args.layers_per_block, global_colour_weight=args.global_colour_weight,
                       colour_weight=args.colour_weight, ema_decay=args.ema_decay)
     if args.crops:
@@ -1081,10 +1126,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if log != work / "train_log.csv":
             shutil.copy(log, work / "train_log.csv")
         metrics = finish(vae, out, work, cfg, int(meta.get("steps", rows[-1]["step"])), float(meta.get("wall_s", 0)), rows,
-                         args.before)
+                         args.before, int(meta.get("averaged", 0)))
     else:
-        vae, steps, wall, rows = train(cfg, work, work / "train_log.csv")
-        metrics = finish(vae, out, work, cfg, steps, wall, rows, args.before)
+        vae, steps, wall, rows, averaged = train(cfg, work, work / "train_log.csv")
+        metrics = finish(vae, out, work, cfg, steps, wall, rows, args.before, averaged)
     print(json.dumps({k: metrics[k] for k in ("weights_relpath", "weights_bytes", "params", "steps", "wall_s",
                                                "scaling_factor", "mean_psnr", "mean_ssim")}))
     print(f"wrote {out}")

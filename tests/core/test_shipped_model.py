@@ -367,3 +367,28 @@ def test_jitter_share_sets_how_many_colour_crops_are_recoloured_and_the_card_say
     assert "half of the colour crops" in tsv.jitter_text({"full_hue": True})
     assert "a quarter of the colour crops" in tsv.jitter_text({"full_hue": False, "jitter_share": 0.0})
     assert "75% of the colour crops" in tsv.jitter_text({"full_hue": True, "jitter_share": 0.75})
+
+
+def test_average_from_ships_the_mean_of_the_late_ema_snapshots(tmp_path, monkeypatch):
+    """--average-from P: the weights train() returns are the mean of the EMA snapshots taken at the
+    evaluations with progress >= P and of the EMA at the last step; earlier snapshots are left out."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import train_small_vae as tsv
+
+    saved = []  # (step, EMA state) at each evaluation
+    monkeypatch.setattr(tsv, "save_checkpoint", lambda vae, path, extra=None: saved.append(
+        (extra["step"], {k: v.detach().clone() for k, v in vae.state_dict().items()})))
+    monkeypatch.setattr(tsv, "evaluate", lambda vae, heldout: {"x": {"psnr": 0.0, "colour_shift": [0.0] * 3}})
+    cfg = tsv.TrainConfig(steps=6, minutes=1e6, threads=1, debian=False, phases=((0.0, 32, 1),), eval_every=1,
+                          eval_max_side=64, average_from=0.5, lr=1e-3, ema_decay=0.5)
+    vae, steps, _wall, _rows, averaged = tsv.train(cfg, tmp_path, tmp_path / "log.csv")
+    assert steps == 6 and [s for s, _ in saved] == [1, 2, 3, 4, 5, 6]
+    late = [state for step, state in saved if step / 6 >= 0.5]  # steps 3-6; the last EMA is step 6's again
+    assert averaged == len(late) + 1 == 5
+    expected = {k: (sum(st[k].double() for st in late) + saved[-1][1][k].double()) / averaged for k in late[0]}
+    got = vae.state_dict()
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k].double(), v, rtol=0, atol=1e-6)
+    # the average is not simply the last EMA: the snapshots differ
+    assert any((late[0][k] - saved[-1][1][k]).abs().max() > 0 for k in late[0])
