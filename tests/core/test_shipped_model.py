@@ -7,6 +7,7 @@ other tests may import to get this trained model.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -392,3 +393,19 @@ def test_average_from_ships_the_mean_of_the_late_ema_snapshots(tmp_path, monkeyp
         torch.testing.assert_close(got[k].double(), v, rtol=0, atol=1e-6)
     # the average is not simply the last EMA: the snapshots differ
     assert any((late[0][k] - saved[-1][1][k]).abs().max() > 0 for k in late[0])
+
+
+def test_decoder_limit_probe_lowers_the_loss_it_optimises():
+    """scripts/probe_decoder_limit.py optimises the latent of a photo with the decoder fixed: its
+    reconstruction must come out closer to the photo (in L1, the loss it descends) than the encoder's."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import probe_decoder_limit as probe
+
+    model = copy.deepcopy(load_shipped_vae()).requires_grad_(False)  # the cached one must not change
+    a = probe.load("chelsea", 96)
+    x = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    torch.manual_seed(0)
+    y0, y, l1_before, l1_after = probe.probe(model, x, steps=10, lr=0.02)
+    assert y.shape == y0.shape == x.shape
+    assert l1_after < l1_before, (l1_before, l1_after)
