@@ -737,6 +737,15 @@ def _budget_elems(kind: str, model, t: torch.Tensor, tile_size: int, store_budge
     return int(store_budget) // memory.itemsize(_store_dtype(model))
 
 
+def _planned_run(kind: str, model, t: torch.Tensor, tile_size: int, store_budget: Optional[int],
+                 callback: ProgressCallback) -> "_ExactRun":
+    """The checked arguments' graph and plan ("encode": t is pixels, "decode": latents), ready to run."""
+    _check_tile(tile_size, store_budget)
+    inp, out = (_encoder_graph if kind == "encode" else _decoder_graph)(model, t)
+    budget = _budget_elems(kind, model, t, tile_size, store_budget)
+    return _ExactRun(inp, t, out, int(tile_size), budget, callback)
+
+
 @torch.no_grad()
 def exact_tiled_encode(model, x: torch.Tensor, tile_size: int = 512, callback: ProgressCallback = None,
                        store_budget: Optional[int] = None) -> torch.Tensor:
@@ -745,10 +754,7 @@ def exact_tiled_encode(model, x: torch.Tensor, tile_size: int = 512, callback: P
     `store_budget` is the bytes the stored checkpoints may peak at: 0 gives the leanest plan (about one
     full-resolution resnet output), None (default) what free memory allows; more memory, less
     recomputation (see `_ExactRun._choose_stores`)."""
-    _check_tile(tile_size, store_budget)
-    inp, out = _encoder_graph(model, x)
-    budget = _budget_elems("encode", model, x, tile_size, store_budget)
-    return _ExactRun(inp, x, out, int(tile_size), budget, callback).run()
+    return _planned_run("encode", model, x, tile_size, store_budget, callback).run()
 
 
 @torch.no_grad()
@@ -757,10 +763,7 @@ def exact_tiled_decode(model, z: torch.Tensor, tile_size: int = 512, callback: P
     """Raw latents (B, latent, h, w) -> pixels (B, out, h*f, w*f) after post_quant_conv and the decoder,
     equal to the untiled `model._pixels(z)` up to fp32 rounding. `tile_size` is in output pixels;
     `store_budget` as for `exact_tiled_encode`."""
-    _check_tile(tile_size, store_budget)
-    inp, out = _decoder_graph(model, z)
-    budget = _budget_elems("decode", model, z, tile_size, store_budget)
-    return _ExactRun(inp, z, out, int(tile_size), budget, callback).run()
+    return _planned_run("decode", model, z, tile_size, store_budget, callback).run()
 
 
 def planned_work(kind: str, model, t: torch.Tensor, tile_size: int = 512, store_budget: Optional[int] = None) -> float:
@@ -772,9 +775,6 @@ def planned_work(kind: str, model, t: torch.Tensor, tile_size: int = 512, store_
     "encode" (t: pixels) or "decode" (t: latents)."""
     if kind not in ("encode", "decode"):
         raise ValueError(f"planned_work: kind must be 'encode' or 'decode', not {kind!r}")
-    _check_tile(tile_size, store_budget)
-    inp, out = (_encoder_graph if kind == "encode" else _decoder_graph)(model, t)
-    budget = _budget_elems(kind, model, t, tile_size, store_budget)
-    run = _ExactRun(inp, t, out, int(tile_size), budget, None)
-    inp.store = None  # the run held `t` as its input checkpoint; planning is done
+    run = _planned_run(kind, model, t, tile_size, store_budget, None)
+    run.inp.store = None  # the run held `t` as its input checkpoint; planning is done
     return run._work(run.passes, _conv_macs) / sum(_conv_macs(n) for n in run.nodes)
