@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import images  # noqa: E402
+import train_small_vae as tsv  # noqa: E402  (its image conversions and metrics, as the card uses them)
 from vae_core import AutoencoderKL  # noqa: E402
 
 
@@ -41,11 +42,9 @@ def load(name: str, max_side: int) -> np.ndarray:
 
 
 def score(y: torch.Tensor, a: np.ndarray) -> str:
-    r = ((y.detach().clamp(-1, 1)[0].permute(1, 2, 0).numpy() + 1) * 127.5).round()
-    o = a.astype(np.float64)
-    psnr = 10 * np.log10(255 ** 2 / ((r - o) ** 2).mean())
-    shift = ", ".join(f"{v:+.2f}" for v in (r - o).reshape(-1, 3).mean(0))
-    return f"{psnr:.2f} dB, mean shift R, G, B {shift}"
+    rec = tsv.to_uint8(y.detach()[0])
+    shift = ", ".join(f"{v:+.2f}" for v in tsv.colour_shift(a, rec))
+    return f"{tsv.psnr(a, rec):.2f} dB, mean shift R, G, B {shift}"
 
 
 def probe(model: AutoencoderKL, x: torch.Tensor, steps: int, lr: float):
@@ -80,7 +79,7 @@ def main(argv=None) -> int:
     model = AutoencoderKL.from_single_file(str(args.model)).eval().requires_grad_(False)
     for name in args.images or images.names("test"):
         a = load(name, args.max_side)
-        x = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+        x = tsv.to_tensor(a)[None]
         t = time.monotonic()
         y0, y, _, _ = probe(model, x, args.steps, args.lr)
         print(f"{name} {a.shape[1]}x{a.shape[0]}: encoder's latent {score(y0, a)}; optimised latent "

@@ -530,15 +530,16 @@ _FOURTH_SWING = ("  The fourth model's held-out colour swung by 2.5-7.7/255 betw
                  "  a moving average of ~200 steps did not average out the drift of batch-1 full-hue crops.")
 HISTORY_FOURTH = (_SECOND_CAST + "\n" + _THIRD_MODEL + " This run, the fourth\n  model, fine-tunes "
                   + _FOURTH_RUN.format(who="this model's"))
-HISTORY_FIFTH = (_SECOND_CAST + "\n" + _THIRD_MODEL + " The fourth\n  model (git 894ae08) fine-tuned "
-                 + _FOURTH_RUN.format(who="the fourth's") + _FOURTH_SWING + " This\n"
+# the lineage up to the fourth model, told by the cards of the models fine-tuned from it and later
+_TO_FOURTH = (_SECOND_CAST + "\n" + _THIRD_MODEL + " The fourth\n  model (git 894ae08) fine-tuned "
+              + _FOURTH_RUN.format(who="the fourth's") + _FOURTH_SWING)
+HISTORY_FIFTH = (_TO_FOURTH + " This\n"
                  "  run, the fifth model, fine-tunes the fourth 100 min at half its learning rate with a longer\n"
                  "  average (`--ema-decay 0.999`) and the whole-crop colour term (`--global-colour-weight 2`), on\n"
                  "  256-320 px crops. Beside it ran the same on 320-384 px crops (7,376 steps against 11,370):\n"
                  "  25.15 dB mean, the cat's green -2.3/255 but the dune's -6.4, worst 6.4/255, against this\n"
                  "  model's 25.15 dB, -4.0 and -5.6, worst 5.6/255. Not shipped.\n")
-HISTORY_SIXTH = (_SECOND_CAST + "\n" + _THIRD_MODEL + " The fourth\n  model (git 894ae08) fine-tuned "
-                 + _FOURTH_RUN.format(who="the fourth's") + _FOURTH_SWING + "\n"
+HISTORY_SIXTH = (_TO_FOURTH + "\n"
                  "  The fifth model (git 4dfd22d) fine-tuned the fourth 100 min at half its learning rate with\n"
                  "  `--ema-decay 0.999` and `--global-colour-weight 2` on 256-320 px crops: 25.15 dB mean,\n"
                  "  lowest 22.08 (the dune), worst shift 5.57/255 (the dune's green). An optimised latent\n"
@@ -880,7 +881,7 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
         writer.writeheader()
         while True:
             elapsed = time.monotonic() - start
-            progress = max(step / cfg.steps, elapsed / (cfg.minutes * 60))
+            progress = progress_at(step, elapsed, cfg)
             if progress >= 1.0:
                 break
             crop, batch = phase_at(progress, cfg)
@@ -918,7 +919,7 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
                     row["heldout_min_psnr"] = f"{min(r['psnr'] for r in res.values()):.3f}"
                     row["heldout_max_shift"] = f"{max(abs(c) for r in res.values() for c in r['colour_shift']):.2f}"
                     save_checkpoint(ema_vae, work / "checkpoint.safetensors", {"step": step, "wall_s": row["elapsed_s"]})
-                    if cfg.average_from and snapshot_progress(step, row["elapsed_s"], cfg) >= cfg.average_from:
+                    if cfg.average_from and progress_at(step, row["elapsed_s"], cfg) >= cfg.average_from:
                         mean_params = add_snapshot(mean_params, ema_params)
                         averaged += 1
                     print(f"step {step}: held-out PSNR mean {row['heldout_psnr']} min {row['heldout_min_psnr']} dB, "
@@ -951,8 +952,8 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
     return ema_vae, step, wall, rows, averaged
 
 
-def snapshot_progress(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
-    """Progress of the run at an evaluation (as the schedule counts it: steps or minutes, whichever is further)."""
+def progress_at(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
+    """Progress of the run, as the schedule counts it: steps or minutes, whichever is further."""
     return max(step / cfg.steps, float(elapsed_s) / (cfg.minutes * 60))
 
 

@@ -403,8 +403,7 @@ def test_decoder_limit_probe_lowers_the_loss_it_optimises():
     import probe_decoder_limit as probe
 
     model = copy.deepcopy(load_shipped_vae()).requires_grad_(False)  # the cached one must not change
-    a = probe.load("chelsea", 96)
-    x = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = _to_x(probe.load("chelsea", 96))
     torch.manual_seed(0)
     y0, y, l1_before, l1_after = probe.probe(model, x, steps=10, lr=0.02)
     assert y.shape == y0.shape == x.shape
