@@ -98,10 +98,13 @@ class TrainConfig:
     # resnets per encoder level (the decoder has one more); an `init` model with fewer is deepened
     # by deepen(): the added resnets start as identities, so training starts from init's outputs
     layers_per_block: int = MODEL_CONFIG["layers_per_block"]
+    # latent channels; an `init` model with fewer is widened by widen_latent(): the added channels
+    # start unread by the decoder, so training starts from init's outputs
+    latent_channels: int = MODEL_CONFIG["latent_channels"]
 
 
 def model_config(cfg: "TrainConfig") -> dict:
-    return {**MODEL_CONFIG, "layers_per_block": cfg.layers_per_block}
+    return {**MODEL_CONFIG, "layers_per_block": cfg.layers_per_block, "latent_channels": cfg.latent_channels}
 
 
 def deepen(src: AutoencoderKL, dst: AutoencoderKL) -> List[str]:
@@ -129,6 +132,70 @@ def deepen(src: AutoencoderKL, dst: AutoencoderKL) -> List[str]:
             conv2.weight.zero_()
             conv2.bias.zero_()
     return added
+
+
+def widen_latent(src: AutoencoderKL, dst: AutoencoderKL, seed: int = 0) -> int:
+    """Copy `src` into `dst`, the same model with more latent channels, so that `dst` decodes exactly
+    what `src` does; returns the number of channels added.
+
+    The four layers around the latent change shape: encoder.conv_out and quant_conv (2 x channels:
+    means, then log-variances), post_quant_conv and decoder.conv_in. The old channels keep their
+    weights. Each new channel k gets: a mean from a fresh random projection of the encoder's last
+    features (the scale of the old mean rows), passed through quant_conv unchanged; a log-variance
+    that quant_conv makes the mean of the old channels' (their noise level; its own encoder.conv_out
+    row starts at zero); post_quant_conv passing it through (identity); and a zero column in
+    decoder.conv_in, so the decoder does not read it yet. That column's gradient is not zero, so
+    training can start using the channel."""
+    old, new = src.config.latent_channels, dst.config.latent_channels
+    if new <= old:
+        raise ValueError(f"cannot widen the latent from {old} to {new} channels")
+    have = src.state_dict()
+    shaped = {"encoder.conv_out.weight", "encoder.conv_out.bias", "quant_conv.weight", "quant_conv.bias",
+              "post_quant_conv.weight", "post_quant_conv.bias", "decoder.conv_in.weight"}
+    dst.load_state_dict({k: v for k, v in have.items() if k not in shaped}, strict=False)
+    missing = set(dst.state_dict()) - set(have)
+    if missing:
+        raise ValueError(f"cannot widen: {sorted(missing)[:3]} are not in the model given")
+    gen = torch.Generator().manual_seed(seed)
+    mean_rows = slice(0, old), slice(new, new + old)  # old means, old log-variances in the new layout
+
+    def moments(t_old: torch.Tensor, t_new: torch.Tensor) -> None:
+        t_new[mean_rows[0]] = t_old[:old]
+        t_new[mean_rows[1]] = t_old[old:]
+
+    with torch.no_grad():
+        w_old, b_old = have["encoder.conv_out.weight"], have["encoder.conv_out.bias"]
+        conv_out = dst.encoder.conv_out
+        moments(w_old, conv_out.weight)
+        moments(b_old, conv_out.bias)
+        fresh = torch.randn((new - old,) + tuple(w_old.shape[1:]), generator=gen)
+        conv_out.weight[old:new] = fresh * (w_old[:old].norm() / fresh.norm() * ((new - old) / old) ** 0.5)
+        conv_out.bias[old:new] = 0
+        conv_out.weight[new + old:] = 0
+        conv_out.bias[new + old:] = 0
+
+        q_old, qb_old = have["quant_conv.weight"][:, :, 0, 0], have["quant_conv.bias"]
+        q = torch.zeros(2 * new, 2 * new)
+        idx = list(range(old)) + list(range(new, new + old))  # where the old moments sit now
+        q[torch.tensor(idx)[:, None], torch.tensor(idx)[None, :]] = q_old
+        added = list(range(old, new)) + list(range(new + old, 2 * new))
+        q[added, added] = 1.0
+        q[new + old:, torch.tensor(idx)] = q_old[old:].mean(0)  # the old log-variances' mean
+        dst.quant_conv.weight.copy_(q[:, :, None, None])
+        qb = torch.zeros(2 * new)
+        qb[idx] = qb_old
+        qb[new + old:] = qb_old[old:].mean()
+        dst.quant_conv.bias.copy_(qb)
+
+        p = torch.eye(new)
+        p[:old, :old] = have["post_quant_conv.weight"][:, :, 0, 0]
+        dst.post_quant_conv.weight.copy_(p[:, :, None, None])
+        dst.post_quant_conv.bias.zero_()
+        dst.post_quant_conv.bias[:old] = have["post_quant_conv.bias"]
+
+        dst.decoder.conv_in.weight.zero_()
+        dst.decoder.conv_in.weight[:, :old] = have["decoder.conv_in.weight"]
+    return new - old
 
 
 EMA_KEYS = ("loss_ema", "l1_ema", "edge_ema", "colour_ema", "kl_ema")
@@ -857,7 +924,12 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
     if cfg.init:
         # fine-tune: start from an earlier model of the same widths (its weights, not its config)
         start_from = AutoencoderKL.from_single_file(cfg.init)
-        if start_from.config.layers_per_block < cfg.layers_per_block:
+        if start_from.config.latent_channels < cfg.latent_channels:
+            if start_from.config.layers_per_block != cfg.layers_per_block:
+                raise ValueError("widen the latent or deepen the levels, not both in one run")
+            added = widen_latent(start_from, vae, cfg.seed)
+            print(f"widened {cfg.init}: {added} latent channels added, unread by the decoder at first", flush=True)
+        elif start_from.config.layers_per_block < cfg.layers_per_block:
             added = deepen(start_from, vae)
             print(f"deepened {cfg.init}: {len(added)} resnets added as identities", flush=True)
         else:
@@ -1088,6 +1160,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "(default: the TrainConfig phases)")
     ap.add_argument("--layers-per-block", type=int, default=TrainConfig.layers_per_block,
                     help="resnets per encoder level; an --init model with fewer is deepened (identity resnets added)")
+    ap.add_argument("--latent-channels", type=int, default=TrainConfig.latent_channels,
+                    help="latent channels; an --init model with fewer gets the new ones unread by its decoder at first")
     ap.add_argument("--global-colour-weight", type=float, default=TrainConfig.global_colour_weight,
                     help="weight of an L1 term on each crop's mean colour (0: off, as the shipped model)")
     ap.add_argument("--colour-weight", type=float, default=TrainConfig.colour_weight,
@@ -1112,7 +1186,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       debian=not (args.no_debian or args.smoke), bf16=not args.fp32,
                       init=str(args.init or ""), init_git=args.init_git, lr=args.lr, full_hue=args.full_hue, jitter_share=args.jitter_share,
                       average_from=args.average_from,
-                      layers_per_block=args.layers_per_block, global_colour_weight=args.global_colour_weight,
+                      layers_per_block=args.layers_per_block, latent_channels=args.latent_channels, global_colour_weight=args.global_colour_weight,
                       colour_weight=args.colour_weight, ema_decay=args.ema_decay)
     if args.crops:
         cfg = dataclasses.replace(cfg, phases=parse_crops(args.crops))

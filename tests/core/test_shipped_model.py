@@ -314,6 +314,44 @@ def test_deepen_adds_identity_resnets_and_refuses_other_models():
         tsv.deepen(dst, src)
 
 
+def test_widen_latent_starts_from_the_narrower_models_outputs_and_can_learn_the_new_channels():
+    """--latent-channels N with a narrower --init: the wider model must decode exactly what the
+    narrower one does (the old channels' moments unchanged, the new ones unread by the decoder), the
+    new channels' noise must start at the old ones' level, and their path into the decoder must get
+    a gradient (a zero column whose gradient is zero would never learn)."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import train_small_vae as tsv
+
+    small = dict(tsv.MODEL_CONFIG, block_out_channels=(16, 16), norm_num_groups=8,
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    torch.manual_seed(0)
+    src = AutoencoderKL(**small).eval()
+    dst = AutoencoderKL(**dict(small, latent_channels=8)).eval()
+    assert tsv.widen_latent(src, dst) == 4
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        p_src, p_dst = src.encode(x).latent_dist, dst.encode(x).latent_dist
+        torch.testing.assert_close(p_dst.mean[:, :4], p_src.mean, rtol=0, atol=1e-5)
+        torch.testing.assert_close(p_dst.logvar[:, :4], p_src.logvar, rtol=0, atol=1e-5)
+        # the new channels carry the image (a random projection of the encoder's features) ...
+        assert p_dst.mean[:, 4:].std() > 0.1 * p_src.mean.std()
+        # ... with the old channels' mean log-variance as their noise level
+        torch.testing.assert_close(p_dst.logvar[:, 4:], p_src.logvar.mean(1, keepdim=True).expand(-1, 4, -1, -1),
+                                   rtol=0, atol=1e-5)
+        z = torch.randn(1, 8, 4, 4)
+        z_old = z.clone()
+        z_old[:, 4:] = torch.randn(1, 4, 4, 4)  # whatever the new channels hold, the decoder ignores it
+        torch.testing.assert_close(dst.decode(z).sample, src.decode(z[:, :4]).sample, rtol=0, atol=1e-5)
+        torch.testing.assert_close(dst.decode(z_old).sample, dst.decode(z).sample, rtol=0, atol=0)
+    dst.train()
+    out = dst(x, sample_posterior=False).sample
+    out.square().mean().backward()
+    assert dst.decoder.conv_in.weight.grad[:, 4:].abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot widen the latent from 8 to 4"):
+        tsv.widen_latent(dst, src)
+
+
 def test_global_colour_term_costs_a_uniform_cast_and_is_off_by_default():
     """--global-colour-weight adds the L1 of each crop's mean colour: zero for a perfect
     reconstruction, the size of the cast for a uniformly tinted one, and off unless asked."""
