@@ -741,7 +741,7 @@ perceptual and adversarial losses on millions of images.
 
 AutoencoderKL from `vae_core` (diffusers' architecture and names), {m['params']:,} parameters:
 4 levels (f8), block_out_channels {list(m['config']['block_out_channels'])}, layers_per_block {m['config']['layers_per_block']},
-norm_num_groups {m['config']['norm_num_groups']}, 4 latent channels, single-head attention in both mid blocks.
+norm_num_groups {m['config']['norm_num_groups']}, {m['config']['latent_channels']} latent channels, single-head attention in both mid blocks.
 `scaling_factor` = {m['scaling_factor']:.5f} (1 / std of posterior samples over the whole training
 images; `vae_core.latent_formats` family "demo" holds the same value); `shift_factor` = None.
 Stored in fp16 to fit 5 MB; `vae_core`'s loader copies the weights into fp32 parameters, so it
@@ -786,7 +786,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
   on small crops casts whole photos; the second model trained on 128-256 px crops.{HISTORY_FULL_HUE if m.get('full_hue') else ''}
 {HISTORY.get(m.get('init_git', '2d26bec'), '')}  The held-out photos were looked at during these runs to make these choices.
 - Reproduce: {('`git show ' + m.get('init_git', '2d26bec') + ':models/vae/autoencoderkl-demo-f8.safetensors > ' + m['init'] + '`, then ') if m.get('init') else ''}`.venv/bin/python scripts/train_small_vae.py --fetch-data --out models
-  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --jitter-share ' + format(m['jitter_share'], 'g')) if m.get('jitter_share') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --colour-weight ' + format(m['colour_weight'], 'g')) if m.get('colour_weight', TrainConfig.colour_weight) != TrainConfig.colour_weight else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --average-from ' + format(m['average_from'], 'g')) if m.get('average_from') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}`
+  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --jitter-share ' + format(m['jitter_share'], 'g')) if m.get('jitter_share') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --colour-weight ' + format(m['colour_weight'], 'g')) if m.get('colour_weight', TrainConfig.colour_weight) != TrainConfig.colour_weight else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --average-from ' + format(m['average_from'], 'g')) if m.get('average_from') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}{(' --latent-channels ' + str(m['config']['latent_channels'])) if m['config']['latent_channels'] != MODEL_CONFIG['latent_channels'] else ''}`
   (`--fetch-data` runs `apt-get download` into `$AKL_TRAIN_DATA`, default `outputs/train_data`).
   Data order, crops and noise are seeded, but the LR schedule follows
   max(step / steps, elapsed / minutes): a run that the clock stops (as this one{' was' if m['steps'] < m['steps_target'] else ' was not'})
@@ -924,6 +924,9 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
     if cfg.init:
         # fine-tune: start from an earlier model of the same widths (its weights, not its config)
         start_from = AutoencoderKL.from_single_file(cfg.init)
+        if start_from.config.latent_channels > cfg.latent_channels:
+            raise ValueError(f"{cfg.init} has {start_from.config.latent_channels} latent channels: "
+                             f"give --latent-channels {start_from.config.latent_channels} (or more)")
         if start_from.config.latent_channels < cfg.latent_channels:
             if start_from.config.layers_per_block != cfg.layers_per_block:
                 raise ValueError("widen the latent or deepen the levels, not both in one run")

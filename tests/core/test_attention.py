@@ -176,3 +176,34 @@ def test_fuse_qkv_projections_matches_diffusers():
         ours.unfuse_qkv_projections()
     assert not any("to_qkv" in k for k in ours.state_dict())
     assert list(ours.state_dict()) == [k for k in ref.state_dict() if "to_qkv" not in k]
+
+
+def test_sdpa_in_bf16_on_the_cpu_runs_chunked_matmuls_at_bf16_accuracy(monkeypatch):
+    """AttnProcessor2_0 in bf16 on a CPU with native bf16 runs matmul attention over bounded query
+    chunks (torch's CPU flash kernel runs bf16 at fp32 speed there). Its error against a float64
+    reference must stay at bf16's level, within 3x SDPA's own; chunking must change nothing (each
+    query row is computed alone); and fp32 must still go to SDPA itself."""
+    import torch.nn.functional as F
+
+    from vae_core import attention
+
+    attn = attention.Attention(64, 8)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 300, 64, generator=gen) for _ in range(3))
+    ref = attention._math_attention(q.double(), k.double(), v.double(), attn.scale)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    sdpa = F.scaled_dot_product_attention(qb[:, None], kb[:, None], vb[:, None])[:, 0]
+    out = AttnProcessor2_0().attend(attn, qb, kb, vb)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    err, sdpa_err = ((t.double() - ref).abs().max().item() for t in (out, sdpa))
+    assert err < 2 ** -7 and err < 3 * sdpa_err, (err, sdpa_err)
+    if attention._cpu_bf16_matmul():
+        # the whole-matrix maths here: this CPU takes the matmul path
+        assert torch.equal(out, attention._math_attention(qb, kb, vb, attn.scale))
+        monkeypatch.setattr(attention, "CPU_BF16_CHUNK_BYTES", 8 * 300 * 7)  # 7 query rows per chunk
+        assert torch.equal(AttnProcessor2_0().attend(attn, qb, kb, vb), out)  # each row's maths is its own
+    else:
+        assert torch.equal(out, sdpa.to(torch.bfloat16))
+    # fp32 (and every dtype off the CPU) is SDPA's own result
+    fp32 = AttnProcessor2_0().attend(attn, q, k, v)
+    assert torch.equal(fp32, F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0])
