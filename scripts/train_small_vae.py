@@ -101,6 +101,7 @@ class TrainConfig:
     # latent channels; an `init` model with fewer is widened by widen_latent(): the added channels
     # start unread by the decoder, so training starts from init's outputs
     latent_channels: int = MODEL_CONFIG["latent_channels"]
+    new_lr_scale: float = 20.0  # step-size multiple for the weights widen_latent() adds
 
 
 def model_config(cfg: "TrainConfig") -> dict:
@@ -196,6 +197,26 @@ def widen_latent(src: AutoencoderKL, dst: AutoencoderKL, seed: int = 0) -> int:
         dst.decoder.conv_in.weight.zero_()
         dst.decoder.conv_in.weight[:, :old] = have["decoder.conv_in.weight"]
     return new - old
+
+
+def new_latent_elements(vae: AutoencoderKL, old: int) -> Dict[str, torch.Tensor]:
+    """Boolean masks of the weights that widen_latent() made for the channels from `old` on (the
+    elements it did not copy), by parameter name."""
+    new = vae.config.latent_channels
+    added = torch.zeros(2 * new, dtype=torch.bool)
+    added[old:new] = added[new + old:] = True  # new means, new log-variances
+    later = torch.arange(new) >= old
+    params = dict(vae.named_parameters())
+    masks = {
+        "encoder.conv_out.weight": added.view(-1, 1, 1, 1).expand_as(params["encoder.conv_out.weight"]),
+        "encoder.conv_out.bias": added,
+        "quant_conv.weight": (added[:, None] | added[None, :]).view(2 * new, 2 * new, 1, 1),
+        "quant_conv.bias": added,
+        "post_quant_conv.weight": (later[:, None] | later[None, :]).view(new, new, 1, 1),
+        "post_quant_conv.bias": later,
+        "decoder.conv_in.weight": later.view(1, -1, 1, 1).expand_as(params["decoder.conv_in.weight"]),
+    }
+    return {k: m.contiguous() for k, m in masks.items()}
 
 
 EMA_KEYS = ("loss_ema", "l1_ema", "edge_ema", "colour_ema", "kl_ema")
@@ -921,6 +942,7 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
     heldout = heldout_images(cfg.eval_max_side, cfg.debian)
 
     vae = AutoencoderKL(**model_config(cfg))
+    fresh: Dict[str, torch.Tensor] = {}  # weights of widened latent channels (they step cfg.new_lr_scale x faster)
     if cfg.init:
         # fine-tune: start from an earlier model of the same widths (its weights, not its config)
         start_from = AutoencoderKL.from_single_file(cfg.init)
@@ -932,6 +954,7 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
                 raise ValueError("widen the latent or deepen the levels, not both in one run")
             added = widen_latent(start_from, vae, cfg.seed)
             print(f"widened {cfg.init}: {added} latent channels added, unread by the decoder at first", flush=True)
+            fresh = new_latent_elements(vae, start_from.config.latent_channels)
         elif start_from.config.layers_per_block < cfg.layers_per_block:
             added = deepen(start_from, vae)
             print(f"deepened {cfg.init}: {len(added)} resnets added as identities", flush=True)
@@ -968,7 +991,15 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            before = {name: p.detach().clone() for name, p in vae.named_parameters() if name in fresh}
             opt.step()
+            if before:
+                # the widened channels' own weights start from zero or at random: a fine-tune's
+                # learning rate would leave them unused for thousands of steps, so their steps are scaled
+                with torch.no_grad():
+                    for name, p in vae.named_parameters():
+                        if name in before:
+                            p.add_((p - before[name]) * fresh[name] * (cfg.new_lr_scale - 1))
             step += 1
             with torch.no_grad():
                 decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # short memory at the start
@@ -1165,6 +1196,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="resnets per encoder level; an --init model with fewer is deepened (identity resnets added)")
     ap.add_argument("--latent-channels", type=int, default=TrainConfig.latent_channels,
                     help="latent channels; an --init model with fewer gets the new ones unread by its decoder at first")
+    ap.add_argument("--new-lr-scale", type=float, default=TrainConfig.new_lr_scale,
+                    help="with --latent-channels widening --init: step-size multiple for the added channels' weights")
     ap.add_argument("--global-colour-weight", type=float, default=TrainConfig.global_colour_weight,
                     help="weight of an L1 term on each crop's mean colour (0: off, as the shipped model)")
     ap.add_argument("--colour-weight", type=float, default=TrainConfig.colour_weight,
@@ -1189,7 +1222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       debian=not (args.no_debian or args.smoke), bf16=not args.fp32,
                       init=str(args.init or ""), init_git=args.init_git, lr=args.lr, full_hue=args.full_hue, jitter_share=args.jitter_share,
                       average_from=args.average_from,
-                      layers_per_block=args.layers_per_block, latent_channels=args.latent_channels, global_colour_weight=args.global_colour_weight,
+                      layers_per_block=args.layers_per_block, latent_channels=args.latent_channels, new_lr_scale=args.new_lr_scale, global_colour_weight=args.global_colour_weight,
                       colour_weight=args.colour_weight, ema_decay=args.ema_decay)
     if args.crops:
         cfg = dataclasses.replace(cfg, phases=parse_crops(args.crops))
