@@ -348,6 +348,20 @@ def test_widen_latent_starts_from_the_narrower_models_outputs_and_can_learn_the_
     out = dst(x, sample_posterior=False).sample
     out.square().mean().backward()
     assert dst.decoder.conv_in.weight.grad[:, 4:].abs().sum() > 0
+    # the elements new_latent_elements() marks (they step faster) are exactly those not copied from src
+    masks = tsv.new_latent_elements(dst, 4)
+    have = dict(src.named_parameters())
+    moments = list(range(4)) + list(range(8, 12))  # where src's means and log-variances sit in dst
+    copied = {"encoder.conv_out.weight": lambda t: t[moments], "encoder.conv_out.bias": lambda t: t[moments],
+              "quant_conv.weight": lambda t: t[moments][:, moments], "quant_conv.bias": lambda t: t[moments],
+              "post_quant_conv.weight": lambda t: t[:4, :4], "post_quant_conv.bias": lambda t: t[:4],
+              "decoder.conv_in.weight": lambda t: t[:, :4]}
+    assert set(masks) == set(copied)
+    for name, p in dst.named_parameters():
+        if name in masks:
+            assert masks[name].shape == p.shape and masks[name].dtype == torch.bool
+            assert not copied[name](masks[name]).any() and masks[name].sum() == p.numel() - have[name].numel()
+            assert torch.equal(copied[name](p.detach()), have[name].detach())
     with pytest.raises(ValueError, match="cannot widen the latent from 8 to 4"):
         tsv.widen_latent(dst, src)
 
