@@ -68,3 +68,18 @@ def test_bench_tiling_reports_live_memory_for_each_method_and_exact_is_exact():
         assert live_gib > 0 and mem_ratio > 0 and time_ratio > 0, (method, cols)
     assert float(rows["exact-lean"][2]) > 100, "the exact tiler's PSNR against untiled is that of fp32 rounding"
     assert float(rows["exact-lean"][6]) > 0, "the planner's tiled estimate against the lean plan's live peak"
+
+
+def test_bench_attention_prints_every_row_with_errors_at_the_dtypes_level():
+    out = _run("benchmarks/bench_attention.py", "--tokens", "64", "256", "--channels", "64", "--threads", "1",
+               "--repeats", "1")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| \d+ \| (fp32|bf16) \|", line)]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("64", "fp32"), ("64", "bf16"), ("256", "fp32"),
+                                                            ("256", "bf16")], out
+    for r in rows:
+        assert float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0
+        sdpa_err, ours_err = float(r[5]), float(r[6])
+        if r[1].strip() == "fp32":
+            assert sdpa_err < 1e-5 and ours_err < 1e-5, r
+        else:  # inputs rounded to bf16 (2^-9 of values up to ~4), and ours within 3x SDPA's own error
+            assert sdpa_err < 2 ** -5 and ours_err < 3 * sdpa_err, r
