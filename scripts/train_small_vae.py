@@ -627,13 +627,13 @@ HISTORY_FIFTH = (_TO_FOURTH + " This\n"
                  "  256-320 px crops. Beside it ran the same on 320-384 px crops (7,376 steps against 11,370):\n"
                  "  25.15 dB mean, the cat's green -2.3/255 but the dune's -6.4, worst 6.4/255, against this\n"
                  "  model's 25.15 dB, -4.0 and -5.6, worst 5.6/255. Not shipped.\n")
-HISTORY_SIXTH = (_TO_FOURTH + "\n"
-                 "  The fifth model (git 4dfd22d) fine-tuned the fourth 100 min at half its learning rate with\n"
-                 "  `--ema-decay 0.999` and `--global-colour-weight 2` on 256-320 px crops: 25.15 dB mean,\n"
-                 "  lowest 22.08 (the dune), worst shift 5.57/255 (the dune's green). An optimised latent\n"
-                 "  (`scripts/probe_decoder_limit.py`, the decoder fixed) removed its green casts (the dune's\n"
-                 "  -5.57 -> +0.13/255) but raised PSNR by only 0.2-0.9 dB (the dune 22.6, the coffee 24.5 dB):\n"
-                 "  the casts are the encoder's, the PSNR misses the decoder's own limit. This run, the sixth\n"
+_FIFTH_MODEL = ("  The fifth model (git 4dfd22d) fine-tuned the fourth 100 min at half its learning rate with\n"
+                "  `--ema-decay 0.999` and `--global-colour-weight 2` on 256-320 px crops: 25.15 dB mean,\n"
+                "  lowest 22.08 (the dune), worst shift 5.57/255 (the dune's green). An optimised latent\n"
+                "  (`scripts/probe_decoder_limit.py`, the decoder fixed) removed its green casts (the dune's\n"
+                "  -5.57 -> +0.13/255) but raised PSNR by only 0.2-0.9 dB (the dune 22.6, the coffee 24.5 dB):\n"
+                "  the casts are the encoder's, the PSNR misses the decoder's own limit.")
+HISTORY_SIXTH = (_TO_FOURTH + "\n" + _FIFTH_MODEL + " This run, the sixth\n"
                  "  model, fine-tunes the fifth with the colour jitter on every colour crop (`--jitter-share 1`:\n"
                  "  no crop shows its photo's own colours, so the encoder must carry colour for any content).\n"
                  "  It was started before `--average-from` existed; the mean of its EMA snapshots from half-way\n"
@@ -646,7 +646,8 @@ HISTORY_SIXTH = (_TO_FOURTH + "\n"
 HISTORY = {"ad77800": HISTORY_THIRD, "188b03b": HISTORY_FOURTH, "894ae08": HISTORY_FIFTH, "4dfd22d": HISTORY_SIXTH}
 # Minutes of the fine-tunes behind the model shipped at each commit (the first: 18 min from scratch).
 FINE_TUNES = {"2d26bec": (), "ad77800": (30,), "188b03b": (30, 95), "894ae08": (30, 95, 88), "4dfd22d": (30, 95, 88, 100)}
-_COUNT = {1: "one fine-tune", 2: "two fine-tunes", 3: "three fine-tunes", 4: "four fine-tunes", 5: "five fine-tunes"}
+_COUNT = {1: "one fine-tune", 2: "two fine-tunes", 3: "three fine-tunes", 4: "four fine-tunes", 5: "five fine-tunes",
+          6: "six fine-tunes"}
 
 
 def _training_span(m: dict) -> str:
@@ -785,7 +786,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
   + {m.get('colour_weight', TrainConfig.colour_weight):g} * L1 of 8x8 block means (RGB and the YIQ chroma planes: the local colour,
   so a cast costs everywhere){(' + ' + format(m['global_colour_weight'], 'g') + ' * L1 of each crop' + chr(39) + 's mean colour (the same planes)') if m.get('global_colour_weight') else ''} + beta * KL(q(z|x) || N(0, I)) with beta = {TrainConfig.kl_weight:g} relative
   to the per-image summed L1 (the weight of LDM's kl-f8 config). No perceptual or adversarial loss.
-- {('Initialised from `' + m['init'] + '`, the demo model shipped at git ' + m.get('init_git', '2d26bec') + ' (the same architecture; its own card, at that commit, says how it was made), then fine-tuned here. ') if m.get('init') else 'From random weights. '}
+- {init_text(m)}
   AdamW, lr {m.get('lr', TrainConfig.lr):g} (warm-up {TrainConfig.warmup} steps, cosine to {TrainConfig.lr_final:g}),
   weight decay {TrainConfig.weight_decay:g}, gradient-norm clip 1; crops (px x batch) by progress:
   {', '.join(f'{c}x{b} from {int(p * 100)}%' for p, c, b in m.get('phases', TrainConfig.phases))}.
@@ -807,7 +808,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
   on small crops casts whole photos; the second model trained on 128-256 px crops.{HISTORY_FULL_HUE if m.get('full_hue') else ''}
 {HISTORY.get(m.get('init_git', '2d26bec'), '')}  The held-out photos were looked at during these runs to make these choices.
 - Reproduce: {('`git show ' + m.get('init_git', '2d26bec') + ':models/vae/autoencoderkl-demo-f8.safetensors > ' + m['init'] + '`, then ') if m.get('init') else ''}`.venv/bin/python scripts/train_small_vae.py --fetch-data --out models
-  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --jitter-share ' + format(m['jitter_share'], 'g')) if m.get('jitter_share') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --colour-weight ' + format(m['colour_weight'], 'g')) if m.get('colour_weight', TrainConfig.colour_weight) != TrainConfig.colour_weight else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --average-from ' + format(m['average_from'], 'g')) if m.get('average_from') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}{(' --latent-channels ' + str(m['config']['latent_channels'])) if m['config']['latent_channels'] != MODEL_CONFIG['latent_channels'] else ''}`
+  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --jitter-share ' + format(m['jitter_share'], 'g')) if m.get('jitter_share') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --colour-weight ' + format(m['colour_weight'], 'g')) if m.get('colour_weight', TrainConfig.colour_weight) != TrainConfig.colour_weight else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --average-from ' + format(m['average_from'], 'g')) if m.get('average_from') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}{(' --latent-channels ' + str(m['config']['latent_channels'])) if m['config']['latent_channels'] != MODEL_CONFIG['latent_channels'] else ''}{(' --new-lr-scale ' + format(m['new_lr_scale'], 'g')) if m.get('new_lr_scale', TrainConfig.new_lr_scale) != TrainConfig.new_lr_scale else ''}`
   (`--fetch-data` runs `apt-get download` into `$AKL_TRAIN_DATA`, default `outputs/train_data`).
   Data order, crops and noise are seeded, but the LR schedule follows
   max(step / steps, elapsed / minutes): a run that the clock stops (as this one{' was' if m['steps'] < m['steps_target'] else ' was not'})
@@ -1072,6 +1073,28 @@ def add_snapshot(total: Optional[List[torch.Tensor]], params: List[torch.Tensor]
     return total
 
 
+def _latent_channels_of(path: str) -> Optional[int]:
+    """The latent channels of the single-file model at `path` (None when it is gone, as when a card is
+    re-exported elsewhere)."""
+    return AutoencoderKL.from_single_file(path).config.latent_channels if Path(path).is_file() else None
+
+
+def init_text(m: dict) -> str:
+    """The card's sentence on what training started from."""
+    if not m.get("init"):
+        return "From random weights. "
+    old, new = m.get("init_latent_channels"), m["config"]["latent_channels"]
+    if old and old < new:
+        how = (f"the same architecture with {old} latent channels, widened here to {new} (`--latent-channels {new}`): "
+               f"the old channels kept their weights, the new ones started unread by the decoder and their own "
+               f"weights stepped {m.get('new_lr_scale', TrainConfig.new_lr_scale):g}x faster; its own card, at that "
+               "commit, says how it was made")
+    else:
+        how = "the same architecture; its own card, at that commit, says how it was made"
+    return (f"Initialised from `{m['init']}`, the demo model shipped at git {m.get('init_git', '2d26bec')} ({how}), "
+            "then fine-tuned here. ")
+
+
 def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: int, wall: float,
            rows: List[dict], before: Optional[Path] = None, averaged: int = 0) -> dict:
     """Scaling factor, export, evaluation of the exported file, card, plot, sample."""
@@ -1121,6 +1144,8 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
         "averaged": averaged,
         "init": Path(cfg.init).name if cfg.init else None,
         "init_git": cfg.init_git,
+        "init_latent_channels": _latent_channels_of(cfg.init) if cfg.init else None,
+        "new_lr_scale": cfg.new_lr_scale,
         "debian_packages": dict(images.DEBIAN_PACKAGES) if cfg.debian else {},
         "eval_max_side": cfg.eval_max_side,
         "phases": [list(p) for p in cfg.phases],

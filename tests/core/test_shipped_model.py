@@ -104,12 +104,13 @@ def test_shipped_files_and_config():
     assert sorted(p.name for p in (MODELS / "vae").iterdir()) == [SHIPPED.name]
     vae = load_shipped_vae()
     assert vae.info.get("config_origin") == "metadata"
-    assert vae.config.downscale_factor == 8 and vae.config.latent_channels == 4
+    assert vae.config.downscale_factor == 8 and vae.config.latent_channels == metrics["config"]["latent_channels"]
     assert vae.config.shift_factor is None
     assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"], rel=1e-6)
     # the "demo" latent format holds the same factor, rounded to 5 significant digits
     assert FAMILIES["demo"].scaling_factor == pytest.approx(metrics["scaling_factor"], rel=1e-4)
-    assert FAMILIES["demo"].shift_factor is None and FAMILIES["demo"].latent_channels == 4
+    assert FAMILIES["demo"].shift_factor is None
+    assert FAMILIES["demo"].latent_channels == metrics["config"]["latent_channels"]
     assert vae.info["family"] == "demo" and vae.info["family_reason"] == "file metadata (vae_core.family)"
     assert "not SD-compatible" in vae.info["description"]
     assert vae.dtype == torch.float32, "the loader must upcast the fp16-stored weights to fp32"
@@ -364,6 +365,21 @@ def test_widen_latent_starts_from_the_narrower_models_outputs_and_can_learn_the_
             assert torch.equal(copied[name](p.detach()), have[name].detach())
     with pytest.raises(ValueError, match="cannot widen the latent from 8 to 4"):
         tsv.widen_latent(dst, src)
+
+
+def test_the_card_says_when_a_fine_tune_widened_the_latent():
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import train_small_vae as tsv
+
+    m = {"init": "demo6-f8.safetensors", "init_git": "f33a875", "config": {"latent_channels": 16},
+         "init_latent_channels": 4, "new_lr_scale": 20.0}
+    text = tsv.init_text(m)
+    assert "with 4 latent channels, widened here to 16 (`--latent-channels 16`)" in text
+    assert "stepped 20x faster" in text and "git f33a875" in text
+    same = tsv.init_text(dict(m, init_latent_channels=16))
+    assert "widened" not in same and "(the same architecture;" in same
+    assert tsv.init_text({"config": {"latent_channels": 4}}) == "From random weights. "
 
 
 def test_global_colour_term_costs_a_uniform_cast_and_is_off_by_default():
