@@ -56,6 +56,24 @@ def card_metrics() -> dict:
     return json.loads((MODELS / "metrics.json").read_text())
 
 
+def _trainer():
+    """scripts/train_small_vae.py as a module."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import train_small_vae
+
+    return train_small_vae
+
+
+def _small_pair(**wider):
+    """A seeded two-level model of the trainer's architecture and an empty one that differs by `wider`."""
+    tsv = _trainer()
+    small = dict(tsv.MODEL_CONFIG, block_out_channels=(16, 16), norm_num_groups=8,
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    torch.manual_seed(0)
+    return small, AutoencoderKL(**small).eval(), AutoencoderKL(**dict(small, **wider)).eval()
+
+
 def _images():
     pytest.importorskip("skimage")
     if str(SCRIPTS) not in sys.path:
@@ -289,15 +307,8 @@ def test_deepen_adds_identity_resnets_and_refuses_other_models():
     """--layers-per-block N with a shallower --init: the deeper model must start from exactly the
     shallower one's outputs (else a fine-tune starts by forgetting), and a model whose widths
     differ must be refused rather than half-copied."""
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    import train_small_vae as tsv
-
-    small = dict(tsv.MODEL_CONFIG, block_out_channels=(16, 16), norm_num_groups=8,
-                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    torch.manual_seed(0)
-    src = AutoencoderKL(**small).eval()
-    dst = AutoencoderKL(**dict(small, layers_per_block=2)).eval()
+    tsv = _trainer()
+    small, src, dst = _small_pair(layers_per_block=2)
     added = tsv.deepen(src, dst)
     assert added == ["decoder.up_blocks.0.resnets.2", "decoder.up_blocks.1.resnets.2",
                      "encoder.down_blocks.0.resnets.1", "encoder.down_blocks.1.resnets.1"]
@@ -320,15 +331,8 @@ def test_widen_latent_starts_from_the_narrower_models_outputs_and_can_learn_the_
     narrower one does (the old channels' moments unchanged, the new ones unread by the decoder), the
     new channels' noise must start at the old ones' level, and their path into the decoder must get
     a gradient (a zero column whose gradient is zero would never learn)."""
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    import train_small_vae as tsv
-
-    small = dict(tsv.MODEL_CONFIG, block_out_channels=(16, 16), norm_num_groups=8,
-                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    torch.manual_seed(0)
-    src = AutoencoderKL(**small).eval()
-    dst = AutoencoderKL(**dict(small, latent_channels=8)).eval()
+    tsv = _trainer()
+    _, src, dst = _small_pair(latent_channels=8)
     assert tsv.widen_latent(src, dst) == 4
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
@@ -368,9 +372,7 @@ def test_widen_latent_starts_from_the_narrower_models_outputs_and_can_learn_the_
 
 
 def test_the_card_says_when_a_fine_tune_widened_the_latent():
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    import train_small_vae as tsv
+    tsv = _trainer()
 
     m = {"init": "demo6-f8.safetensors", "init_git": "f33a875", "config": {"latent_channels": 16},
          "init_latent_channels": 4, "new_lr_scale": 20.0}
@@ -385,9 +387,7 @@ def test_the_card_says_when_a_fine_tune_widened_the_latent():
 def test_global_colour_term_costs_a_uniform_cast_and_is_off_by_default():
     """--global-colour-weight adds the L1 of each crop's mean colour: zero for a perfect
     reconstruction, the size of the cast for a uniformly tinted one, and off unless asked."""
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    import train_small_vae as tsv
+    tsv = _trainer()
 
     assert tsv.TrainConfig().global_colour_weight == 0.0
     x = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -403,9 +403,7 @@ def test_global_colour_term_costs_a_uniform_cast_and_is_off_by_default():
 def test_card_training_span_counts_every_run_of_the_lineage():
     """The card's Limits line sums the lineage from FINE_TUNES: it must name each earlier fine-tune
     and this run, and say only what it knows for a commit outside the table."""
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    import train_small_vae as tsv
+    tsv = _trainer()
 
     m = {"wall_s": 6000.5, "init": "demo4-f8.safetensors", "init_git": "894ae08"}
     assert tsv._training_span(m) == "18 min from scratch, then four fine-tunes of 30, 95, 88 and 100 min"
@@ -420,9 +418,7 @@ def test_card_training_span_counts_every_run_of_the_lineage():
 def test_jitter_share_sets_how_many_colour_crops_are_recoloured_and_the_card_says_so(monkeypatch):
     """--jitter-share: the share of colour crops that get the colour jitter (1: every one, so no
     crop shows its photo's own colours); 0 keeps the old defaults. The card's sentence follows."""
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    import train_small_vae as tsv
+    tsv = _trainer()
 
     photo = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)  # one colour "photo"
     monkeypatch.setattr(tsv.images, "load_rgb", lambda name: photo)
@@ -441,9 +437,7 @@ def test_jitter_share_sets_how_many_colour_crops_are_recoloured_and_the_card_say
 def test_average_from_ships_the_mean_of_the_late_ema_snapshots(tmp_path, monkeypatch):
     """--average-from P: the weights train() returns are the mean of the EMA snapshots taken at the
     evaluations with progress >= P and of the EMA at the last step; earlier snapshots are left out."""
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    import train_small_vae as tsv
+    tsv = _trainer()
 
     saved = []  # (step, EMA state) at each evaluation
     monkeypatch.setattr(tsv, "save_checkpoint", lambda vae, path, extra=None: saved.append(
