@@ -3,6 +3,7 @@ SDPA kernel, per dtype and token count, with each one's error against a float64 
 
     python benchmarks/bench_attention.py                       # 1,024 / 4,096 / 16,384 positions, C=512
     python benchmarks/bench_attention.py --tokens 1024 --threads 1
+    python benchmarks/bench_attention.py --tokens 16384 --decode-size 512 1024   # and whole bf16 decodes
 
 A 256² image is 1,024 positions at the mid block (f8), 512² is 4,096, 1024² is 16,384. In bf16 on a
 CPU with native bf16 the core runs matmul attention over query chunks (`attention._cpu_bf16_attention`)
@@ -29,6 +30,45 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def decode_rows(sizes, repeats: int) -> None:
+    """Whole bf16 decodes of the SD-size VAE, the core's CPU attention path on and off, in one process,
+    each against the same weights' fp32 decode."""
+    import torch
+
+    from sd_size import SD_CONFIG  # benchmarks/ is on sys.path when a script runs
+    from vae_core import AutoencoderKL, attention
+
+    torch.manual_seed(0)
+    vae32 = AutoencoderKL(**SD_CONFIG).eval()
+    vae = AutoencoderKL.from_config(vae32.config)
+    vae.load_state_dict(vae32.state_dict())
+    vae = vae.eval().to(torch.bfloat16)
+    print()
+    print("| decode | bf16 | with SDPA s | ours s | ours / SDPA | SDPA max err vs fp32 | ours max err vs fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    native = attention._cpu_bf16_matmul
+
+    def forced_sdpa() -> bool:
+        return False
+
+    with torch.inference_mode():
+        for size in sizes:
+            z32 = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(2))
+            ref = vae32.decode(z32).sample
+            z = z32.to(torch.bfloat16)
+            attention._cpu_bf16_matmul = forced_sdpa
+            try:
+                t_sdpa = best_of(lambda: vae.decode(z).sample, repeats)
+                out_sdpa = vae.decode(z).sample
+            finally:
+                attention._cpu_bf16_matmul = native
+            t_ours = best_of(lambda: vae.decode(z).sample, repeats)
+            err_sdpa = (out_sdpa.float() - ref).abs().max().item()
+            err_ours = (vae.decode(z).sample.float() - ref).abs().max().item()
+            print(f"| {size} | bf16 | {t_sdpa:.2f} | {t_ours:.2f} | {t_ours / t_sdpa:.2f} | {err_sdpa:.2e} | {err_ours:.2e} |",
+                  flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -36,6 +76,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode-size", type=int, nargs="*", default=[],
+                    help="also decode the SD-size VAE (random weights) to these sizes in bf16, with the CPU path "
+                         "and with SDPA forced, and print both times and errors against the fp32 decode")
     args = ap.parse_args(argv)
 
     import torch
@@ -66,6 +109,8 @@ def main(argv=None) -> int:
                 e_ours = (ours().double() - ref).abs().max().item()
                 print(f"| {n} | {name} | {t_sdpa * 1e3:.3f} | {t_ours * 1e3:.3f} | {t_ours / t_sdpa:.2f} | {e_sdpa:.1e} | {e_ours:.1e} |",
                       flush=True)
+    if args.decode_size:
+        decode_rows(args.decode_size, args.repeats)
     return 0
 
 

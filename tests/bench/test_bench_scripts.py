@@ -72,8 +72,9 @@ def test_bench_tiling_reports_live_memory_for_each_method_and_exact_is_exact():
 
 def test_bench_attention_prints_every_row_with_errors_at_the_dtypes_level():
     out = _run("benchmarks/bench_attention.py", "--tokens", "64", "256", "--channels", "64", "--threads", "1",
-               "--repeats", "1")
-    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| \d+ \| (fp32|bf16) \|", line)]
+               "--repeats", "1", "--decode-size", "64")
+    attention_table, decode_table = out.split("| decode | bf16 |")
+    rows = [line.split("|")[1:-1] for line in attention_table.splitlines() if re.match(r"\| \d+ \| (fp32|bf16) \|", line)]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [("64", "fp32"), ("64", "bf16"), ("256", "fp32"),
                                                             ("256", "bf16")], out
     for r in rows:
@@ -83,3 +84,8 @@ def test_bench_attention_prints_every_row_with_errors_at_the_dtypes_level():
             assert sdpa_err < 1e-5 and ours_err < 1e-5, r
         else:  # inputs rounded to bf16 (2^-9 of values up to ~4), and ours within 3x SDPA's own error
             assert sdpa_err < 2 ** -5 and ours_err < 3 * sdpa_err, r
+    decode = [line.split("|")[1:-1] for line in decode_table.splitlines() if line.startswith("| 64 | bf16 | ")]
+    assert len(decode) == 1, out
+    sdpa_s, ours_s, _, sdpa_err, ours_err = (float(x) for x in decode[0][2:])
+    assert sdpa_s > 0 and ours_s > 0
+    assert 0 < sdpa_err < 0.25 and 0 < ours_err < 0.25, decode  # bf16 against fp32, outputs of scale ~1
