@@ -68,7 +68,7 @@ def _trainer():
 def _small_pair(**wider):
     """A seeded two-level model of the trainer's architecture and an empty one that differs by `wider`."""
     tsv = _trainer()
-    small = dict(tsv.MODEL_CONFIG, block_out_channels=(16, 16), norm_num_groups=8,
+    small = dict(tsv.MODEL_CONFIG, block_out_channels=(16, 16), norm_num_groups=8, latent_channels=4,
                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
     torch.manual_seed(0)
     return small, AutoencoderKL(**small).eval(), AutoencoderKL(**dict(small, **wider)).eval()
@@ -299,7 +299,7 @@ def test_train_script_smoke(tmp_path):
     assert vae.info["family"] == "demo" and "not SD-compatible" in vae.info["description"]
     assert vae.dtype == torch.float32 and metrics["storage"].startswith("fp16")
     with torch.no_grad():
-        out = vae.decode(torch.zeros(1, 4, 4, 4)).sample
+        out = vae.decode(torch.zeros(1, vae.config.latent_channels, 4, 4)).sample
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
 
 
