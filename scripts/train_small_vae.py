@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -136,6 +136,15 @@ def deepen(src: AutoencoderKL, dst: AutoencoderKL) -> List[str]:
     return added
 
 
+def _moment_rows(old: int, new: int) -> Tuple[List[int], List[int]]:
+    """The moment rows (means, then log-variances, as encoder.conv_out and quant_conv lay them out) of a
+    latent widened from `old` to `new` channels: where the old channels' rows sit, in their old order,
+    and the rows of the added channels."""
+    kept = list(range(old)) + list(range(new, new + old))
+    added = list(range(old, new)) + list(range(new + old, 2 * new))
+    return kept, added
+
+
 def widen_latent(src: AutoencoderKL, dst: AutoencoderKL, seed: int = 0) -> int:
     """Copy `src` into `dst`, the same model with more latent channels, so that `dst` decodes exactly
     what `src` does; returns the number of channels added.
@@ -159,34 +168,29 @@ def widen_latent(src: AutoencoderKL, dst: AutoencoderKL, seed: int = 0) -> int:
     if missing:
         raise ValueError(f"cannot widen: {sorted(missing)[:3]} are not in the model given")
     gen = torch.Generator().manual_seed(seed)
-    mean_rows = slice(0, old), slice(new, new + old)  # old means, old log-variances in the new layout
-
-    def moments(t_old: torch.Tensor, t_new: torch.Tensor) -> None:
-        t_new[mean_rows[0]] = t_old[:old]
-        t_new[mean_rows[1]] = t_old[old:]
+    kept, added = _moment_rows(old, new)
+    new_logvars = slice(new + old, 2 * new)
 
     with torch.no_grad():
-        w_old, b_old = have["encoder.conv_out.weight"], have["encoder.conv_out.bias"]
+        w_old = have["encoder.conv_out.weight"]
         conv_out = dst.encoder.conv_out
-        moments(w_old, conv_out.weight)
-        moments(b_old, conv_out.bias)
+        conv_out.weight[kept] = w_old
+        conv_out.bias[kept] = have["encoder.conv_out.bias"]
         fresh = torch.randn((new - old,) + tuple(w_old.shape[1:]), generator=gen)
         conv_out.weight[old:new] = fresh * (w_old[:old].norm() / fresh.norm() * ((new - old) / old) ** 0.5)
         conv_out.bias[old:new] = 0
-        conv_out.weight[new + old:] = 0
-        conv_out.bias[new + old:] = 0
+        conv_out.weight[new_logvars] = 0
+        conv_out.bias[new_logvars] = 0
 
         q_old, qb_old = have["quant_conv.weight"][:, :, 0, 0], have["quant_conv.bias"]
         q = torch.zeros(2 * new, 2 * new)
-        idx = list(range(old)) + list(range(new, new + old))  # where the old moments sit now
-        q[torch.tensor(idx)[:, None], torch.tensor(idx)[None, :]] = q_old
-        added = list(range(old, new)) + list(range(new + old, 2 * new))
+        q[torch.tensor(kept)[:, None], torch.tensor(kept)[None, :]] = q_old
         q[added, added] = 1.0
-        q[new + old:, torch.tensor(idx)] = q_old[old:].mean(0)  # the old log-variances' mean
+        q[new_logvars, torch.tensor(kept)] = q_old[old:].mean(0)  # the old log-variances' mean
         dst.quant_conv.weight.copy_(q[:, :, None, None])
         qb = torch.zeros(2 * new)
-        qb[idx] = qb_old
-        qb[new + old:] = qb_old[old:].mean()
+        qb[kept] = qb_old
+        qb[new_logvars] = qb_old[old:].mean()
         dst.quant_conv.bias.copy_(qb)
 
         p = torch.eye(new)
@@ -205,7 +209,7 @@ def new_latent_elements(vae: AutoencoderKL, old: int) -> Dict[str, torch.Tensor]
     elements it did not copy), by parameter name."""
     new = vae.config.latent_channels
     added = torch.zeros(2 * new, dtype=torch.bool)
-    added[old:new] = added[new + old:] = True  # new means, new log-variances
+    added[_moment_rows(old, new)[1]] = True  # new means, new log-variances
     later = torch.arange(new) >= old
     params = dict(vae.named_parameters())
     masks = {
@@ -981,6 +985,7 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
         else:
             vae.load_state_dict(start_from.state_dict(), strict=True)
     vae.train()
+    fast = [(p, fresh[name]) for name, p in vae.named_parameters() if name in fresh]  # (weight, mask), once
     ema_vae = AutoencoderKL(**model_config(cfg)).eval()  # the shipped weights: an EMA of vae's
     ema_vae.load_state_dict(vae.state_dict())
     ema_params = [p for p in ema_vae.parameters()]
@@ -1011,15 +1016,13 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            before = {name: p.detach().clone() for name, p in vae.named_parameters() if name in fresh}
+            before = [p.detach().clone() for p, _ in fast]
             opt.step()
-            if before:
-                # the widened channels' own weights start from zero or at random: a fine-tune's
-                # learning rate would leave them unused for thousands of steps, so their steps are scaled
-                with torch.no_grad():
-                    for name, p in vae.named_parameters():
-                        if name in before:
-                            p.add_((p - before[name]) * fresh[name] * (cfg.new_lr_scale - 1))
+            # the widened channels' own weights start from zero or at random: a fine-tune's learning
+            # rate would leave them unused for thousands of steps, so their steps are scaled
+            with torch.no_grad():
+                for (p, mask), was in zip(fast, before):
+                    p.add_((p - was) * mask * (cfg.new_lr_scale - 1))
             step += 1
             with torch.no_grad():
                 decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # short memory at the start

@@ -269,7 +269,8 @@ class AttnProcessor2_0(AttnProcessorBase):
 
     def attend(self, attn, q, k, v):
         b, n, c = q.shape
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and _cpu_bf16_matmul() and not torch.compiler.is_compiling():
+        if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and _cpu_bf16_matmul()
+                and not torch.compiler.is_compiling()):
             return _cpu_bf16_attention(q, k, v, attn.scale)
         # (B, heads=1, N, C), the layout diffusers passes, so kernel choice and rounding match
         out = F.scaled_dot_product_attention(q.view(b, n, 1, c).transpose(1, 2), k.view(b, -1, 1, c).transpose(1, 2),
