@@ -6,7 +6,7 @@ SDPA kernel, per dtype and token count, with each one's error against a float64 
     python benchmarks/bench_attention.py --tokens 16384 --decode-size 512 1024   # and whole bf16 decodes
 
 A 256² image is 1,024 positions at the mid block (f8), 512² is 4,096, 1024² is 16,384. In bf16 on a
-CPU with native bf16 the core runs matmul attention over query chunks (`attention._cpu_bf16_attention`)
+CPU with AVX512-BF16 but no AMX the core runs matmul attention over query chunks (`attention._cpu_bf16_attention`)
 instead of SDPA; in fp32 it is SDPA itself, so the fp32 rows time the same kernel twice (a check of
 the noise). Ratio: ours / SDPA (below 1: ours is faster).
 """
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     attn = attention.Attention(args.channels, 32)
     proc = attention.AttnProcessor2_0()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, C={args.channels}, best of {args.repeats}; "
-          f"native bf16 matmul on this CPU: {attention._cpu_bf16_matmul()}")
+          f"bf16 matmul path (AVX512-BF16 without AMX) on this CPU: {attention._cpu_bf16_matmul()}")
     print("| tokens | dtype | SDPA ms | ours ms | ours / SDPA | SDPA max err | ours max err |")
     print("|---|---|---|---|---|---|---|")
     with torch.inference_mode():

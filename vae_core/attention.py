@@ -237,10 +237,15 @@ CPU_BF16_CHUNK_BYTES = 64 << 20
 
 @functools.lru_cache(maxsize=None)
 def _cpu_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere torch's bf16 matmul
-    is emulated and SDPA is the better choice."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    """Whether chunked matmul attention beats SDPA in bf16 on this CPU: with AVX512-BF16 but no AMX.
+    There torch's CPU flash kernel runs bf16 at fp32 speed while bf16 matmuls are native (measured
+    on an AMD EPYC: 0.28-0.46x SDPA's time). With AMX the flash kernel is fast itself (measured on
+    an AMX Xeon: the matmul path took 1.7-3.6x SDPA's time), and without native bf16 the matmuls
+    are emulated, so both keep SDPA."""
+    def probe(name: str) -> bool:
+        return bool(getattr(torch.cpu, name, lambda: False)())
+
+    return probe("_is_avx512_bf16_supported") and not probe("_is_amx_tile_supported")
 
 
 def _cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -259,13 +264,14 @@ def _cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 class AttnProcessor2_0(AttnProcessorBase):
     """torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kernels).
 
-    On the CPU in bf16 it computes the same maths as explicit matmuls over bounded chunks of queries
-    instead: torch's CPU flash kernel (torch 2.14) ran bf16 no faster than fp32 on an AVX512-BF16 CPU
-    without AMX, 2.5-4x slower than these chunks at 1,024-16,384 positions and C=512 (one thread).
+    On a CPU with AVX512-BF16 but no AMX, in bf16, it computes the same maths as explicit matmuls
+    over bounded chunks of queries instead: there torch's CPU flash kernel (torch 2.14) ran bf16 no
+    faster than fp32, 2.5-4x slower than these chunks at 1,024-16,384 positions and C=512 (one thread,
+    AMD EPYC). With AMX the flash kernel is the faster one (1.7-3.6x, Intel Xeon), so it stays SDPA.
     The error against a float64 reference stays at bf16's level, about twice SDPA's, as the scores
     and probabilities are rounded to bf16 (4,096 positions, inputs of scale 1: 1.4e-3 against 7.6e-4).
     Chunking changes no value: each query row is computed alone. fp32 and fp16, and every other device, go
-    to SDPA, and so does a CPU without native bf16 (AVX512-BF16 or AMX)."""
+    to SDPA, and so does a CPU without native bf16."""
 
     def attend(self, attn, q, k, v):
         b, n, c = q.shape

@@ -178,9 +178,23 @@ def test_fuse_qkv_projections_matches_diffusers():
     assert list(ours.state_dict()) == [k for k in ref.state_dict() if "to_qkv" not in k]
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [
+    (True, False, True),    # AMD EPYC (Zen 4): flash kernel slow in bf16, matmuls native
+    (True, True, False),    # Intel Xeon with AMX: the flash kernel is the faster one
+    (False, False, False),  # no native bf16: matmuls emulated
+])
+def test_bf16_matmul_attention_is_chosen_only_without_amx(monkeypatch, avx512_bf16, amx, expected):
+    from vae_core import attention
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert attention._cpu_bf16_matmul.__wrapped__() is expected
+
+
 def test_sdpa_in_bf16_on_the_cpu_runs_chunked_matmuls_at_bf16_accuracy(monkeypatch):
-    """AttnProcessor2_0 in bf16 on a CPU with native bf16 runs matmul attention over bounded query
-    chunks (torch's CPU flash kernel runs bf16 at fp32 speed there). Its error against a float64
+    """AttnProcessor2_0 in bf16 on a CPU with AVX512-BF16 but no AMX runs matmul attention over
+    bounded query chunks (torch's CPU flash kernel runs bf16 at fp32 speed there); elsewhere SDPA.
+    Both paths are checked on any CPU. The chunked path's error against a float64
     reference must stay at bf16's level, within 3x SDPA's own; chunking must change nothing (each
     query row is computed alone); and fp32 must still go to SDPA itself."""
     import torch.nn.functional as F
@@ -197,13 +211,19 @@ def test_sdpa_in_bf16_on_the_cpu_runs_chunked_matmuls_at_bf16_accuracy(monkeypat
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
     err, sdpa_err = ((t.double() - ref).abs().max().item() for t in (out, sdpa))
     assert err < 2 ** -7 and err < 3 * sdpa_err, (err, sdpa_err)
-    if attention._cpu_bf16_matmul():
-        # the whole-matrix maths here: this CPU takes the matmul path
-        assert torch.equal(out, attention._math_attention(qb, kb, vb, attn.scale))
-        monkeypatch.setattr(attention, "CPU_BF16_CHUNK_BYTES", 8 * 300 * 7)  # 7 query rows per chunk
-        assert torch.equal(AttnProcessor2_0().attend(attn, qb, kb, vb), out)  # each row's maths is its own
-    else:
-        assert torch.equal(out, sdpa.to(torch.bfloat16))
+    on_matmul = attention._cpu_bf16_matmul()
+    assert torch.equal(out, attention._math_attention(qb, kb, vb, attn.scale) if on_matmul
+                       else sdpa.to(torch.bfloat16))
+    # both paths, whichever this CPU takes
+    monkeypatch.setattr(attention, "_cpu_bf16_matmul", lambda: True)
+    chunked = AttnProcessor2_0().attend(attn, qb, kb, vb)
+    assert torch.equal(chunked, attention._math_attention(qb, kb, vb, attn.scale))  # the whole-matrix maths
+    err = (chunked.double() - ref).abs().max().item()
+    assert err < 2 ** -7 and err < 3 * sdpa_err, (err, sdpa_err)
+    monkeypatch.setattr(attention, "CPU_BF16_CHUNK_BYTES", 8 * 300 * 7)  # 7 query rows per chunk
+    assert torch.equal(AttnProcessor2_0().attend(attn, qb, kb, vb), chunked)  # each row's maths is its own
+    monkeypatch.setattr(attention, "_cpu_bf16_matmul", lambda: False)
+    assert torch.equal(AttnProcessor2_0().attend(attn, qb, kb, vb), sdpa.to(torch.bfloat16))
     # fp32 (and every dtype off the CPU) is SDPA's own result
     fp32 = AttnProcessor2_0().attend(attn, q, k, v)
     assert torch.equal(fp32, F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0])
