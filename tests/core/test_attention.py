@@ -211,13 +211,12 @@ def test_sdpa_in_bf16_on_the_cpu_runs_chunked_matmuls_at_bf16_accuracy(monkeypat
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
     err, sdpa_err = ((t.double() - ref).abs().max().item() for t in (out, sdpa))
     assert err < 2 ** -7 and err < 3 * sdpa_err, (err, sdpa_err)
-    on_matmul = attention._cpu_bf16_matmul()
-    assert torch.equal(out, attention._math_attention(qb, kb, vb, attn.scale) if on_matmul
-                       else sdpa.to(torch.bfloat16))
+    whole = attention._math_attention(qb, kb, vb, attn.scale)  # the whole-matrix maths
+    assert torch.equal(out, whole if attention._cpu_bf16_matmul() else sdpa.to(torch.bfloat16))
     # both paths, whichever this CPU takes
     monkeypatch.setattr(attention, "_cpu_bf16_matmul", lambda: True)
     chunked = AttnProcessor2_0().attend(attn, qb, kb, vb)
-    assert torch.equal(chunked, attention._math_attention(qb, kb, vb, attn.scale))  # the whole-matrix maths
+    assert torch.equal(chunked, whole)
     err = (chunked.double() - ref).abs().max().item()
     assert err < 2 ** -7 and err < 3 * sdpa_err, (err, sdpa_err)
     monkeypatch.setattr(attention, "CPU_BF16_CHUNK_BYTES", 8 * 300 * 7)  # 7 query rows per chunk
