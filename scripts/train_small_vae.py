@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import images  # noqa: E402  (scripts/images.py)
 from vae_core import AutoencoderKL  # noqa: E402
+from vae_core.attention import Attention  # noqa: E402
 
 NAME = "autoencoderkl-demo-f8"
 
@@ -102,11 +103,17 @@ class TrainConfig:
     # latent channels; an `init` model with fewer is widened by widen_latent(): the added channels
     # start unread by the decoder, so training starts from init's outputs
     latent_channels: int = MODEL_CONFIG["latent_channels"]
-    new_lr_scale: float = 20.0  # step-size multiple for the weights widen_latent() adds
+    # GroupNorm groups; every level has MODEL_CONFIG's channels per group, so the widths grow with the
+    # groups. An `init` model with fewer groups is widened by widen_width(): the new channels start
+    # unread by the old ones, so training starts from init's outputs
+    norm_groups: int = MODEL_CONFIG["norm_num_groups"]
+    new_lr_scale: float = 20.0  # step-size multiple for the weights widen_latent() and widen_width() add
 
 
 def model_config(cfg: "TrainConfig") -> dict:
-    return {**MODEL_CONFIG, "layers_per_block": cfg.layers_per_block, "latent_channels": cfg.latent_channels}
+    widths = tuple(w // MODEL_CONFIG["norm_num_groups"] * cfg.norm_groups for w in MODEL_CONFIG["block_out_channels"])
+    return {**MODEL_CONFIG, "layers_per_block": cfg.layers_per_block, "latent_channels": cfg.latent_channels,
+            "norm_num_groups": cfg.norm_groups, "block_out_channels": widths}
 
 
 def deepen(src: AutoencoderKL, dst: AutoencoderKL) -> List[str]:
@@ -222,6 +229,69 @@ def new_latent_elements(vae: AutoencoderKL, old: int) -> Dict[str, torch.Tensor]
         "decoder.conv_in.weight": later.view(1, -1, 1, 1).expand_as(params["decoder.conv_in.weight"]),
     }
     return {k: m.contiguous() for k, m in masks.items()}
+
+
+def widen_width(src: AutoencoderKL, dst: AutoencoderKL) -> int:
+    """Copy `src` into `dst`, the same model with more GroupNorm groups and every level wider in
+    proportion (each group keeps its channel count), so that `dst` computes what `src` does up to
+    rounding; returns the number of channels added over all levels.
+
+    The old channels come first in every tensor, so the old groups hold exactly the old channels
+    and their statistics do not change. Every weight's old output rows keep their values and read
+    nothing from the new input channels (those columns are zero); the new output rows keep dst's
+    random initialisation. The single-head attention scales its scores by 1/sqrt(channels), so the
+    old query rows are scaled by sqrt(new/old) and the new query rows start at zero: the scores
+    stay the old ones, while the new key and value rows can learn from the first step."""
+    a, b = src.config, dst.config
+    if b.norm_num_groups <= a.norm_num_groups:
+        raise ValueError(f"cannot widen the widths from {a.norm_num_groups} to {b.norm_num_groups} groups")
+    per_group = [w // a.norm_num_groups for w in a.block_out_channels]
+    want = tuple(g * b.norm_num_groups for g in per_group)
+    if tuple(b.block_out_channels) != want:
+        raise ValueError(f"cannot widen {tuple(a.block_out_channels)} ({a.norm_num_groups} groups) to "
+                         f"{tuple(b.block_out_channels)}: {b.norm_num_groups} groups of {per_group} channels "
+                         f"per level are {want}")
+    for field in ("layers_per_block", "latent_channels", "in_channels", "out_channels"):
+        if getattr(a, field) != getattr(b, field):
+            raise ValueError(f"cannot widen: {field} differs ({getattr(a, field)} vs {getattr(b, field)})")
+    # the tensors themselves: state_dict() may hand out contiguous copies of channels_last weights
+    have = dict(src.named_parameters())
+    into = dict(dst.named_parameters())
+    if set(have) != set(into):
+        raise ValueError(f"cannot widen: the parameters differ ({sorted(set(have) ^ set(into))[:3]})")
+    with torch.no_grad():
+        for k, old in have.items():
+            t = into[k]
+            if t.dim() > 1 and t.shape[1] > old.shape[1]:
+                t[: old.shape[0], old.shape[1]:] = 0  # old rows do not read the new channels
+            t[tuple(slice(0, n) for n in old.shape)] = old
+        for name, module in dst.named_modules():
+            if isinstance(module, Attention):
+                c_old = src.get_submodule(name).to_q.weight.shape[0]
+                c_new = module.to_q.weight.shape[0]
+                for p in (module.to_q.weight, module.to_q.bias):
+                    p[:c_old] *= (c_new / c_old) ** 0.5
+                    p[c_old:] = 0
+    return sum(b.block_out_channels) - sum(a.block_out_channels)
+
+
+def copied_elements(src_shapes: Dict[str, torch.Size], vae: AutoencoderKL,
+                    fresh: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """Boolean masks, by parameter name, of the elements of `vae`'s weights that a widening made
+    (those outside the block a tensor of `src_shapes` filled), OR-ed with `fresh` (masks of an earlier
+    widening, at src_shapes, placed in that block). Parameters that kept their shape are left out
+    unless `fresh` has them."""
+    fresh = fresh or {}
+    masks = {}
+    for name, p in vae.named_parameters():
+        old = src_shapes[name]
+        if p.shape == old and name not in fresh:
+            continue
+        m = torch.ones(p.shape, dtype=torch.bool)
+        block = tuple(slice(0, n) for n in old)
+        m[block] = fresh[name] if name in fresh else False
+        masks[name] = m
+    return masks
 
 
 EMA_KEYS = ("loss_ema", "l1_ema", "edge_ema", "colour_ema", "kl_ema")
@@ -831,7 +901,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
   on small crops casts whole photos; the second model trained on 128-256 px crops.{HISTORY_FULL_HUE if m.get('full_hue') else ''}
 {HISTORY.get(m.get('init_git', '2d26bec'), '')}  The held-out photos were looked at during these runs to make these choices.
 - Reproduce: {('`git show ' + m.get('init_git', '2d26bec') + ':models/vae/autoencoderkl-demo-f8.safetensors > ' + m['init'] + '`, then ') if m.get('init') else ''}`.venv/bin/python scripts/train_small_vae.py --fetch-data --out models
-  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --jitter-share ' + format(m['jitter_share'], 'g')) if m.get('jitter_share') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --colour-weight ' + format(m['colour_weight'], 'g')) if m.get('colour_weight', TrainConfig.colour_weight) != TrainConfig.colour_weight else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --average-from ' + format(m['average_from'], 'g')) if m.get('average_from') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}{(' --latent-channels ' + str(m['config']['latent_channels'])) if m['config']['latent_channels'] != MODEL_CONFIG['latent_channels'] else ''}{(' --new-lr-scale ' + format(m['new_lr_scale'], 'g')) if m.get('new_lr_scale', TrainConfig.new_lr_scale) != TrainConfig.new_lr_scale else ''}`
+  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --jitter-share ' + format(m['jitter_share'], 'g')) if m.get('jitter_share') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --colour-weight ' + format(m['colour_weight'], 'g')) if m.get('colour_weight', TrainConfig.colour_weight) != TrainConfig.colour_weight else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --average-from ' + format(m['average_from'], 'g')) if m.get('average_from') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}{(' --latent-channels ' + str(m['config']['latent_channels'])) if m['config']['latent_channels'] != MODEL_CONFIG['latent_channels'] else ''}{(' --groups ' + str(m['config']['norm_num_groups'])) if m['config'].get('norm_num_groups', MODEL_CONFIG['norm_num_groups']) != MODEL_CONFIG['norm_num_groups'] else ''}{(' --new-lr-scale ' + format(m['new_lr_scale'], 'g')) if m.get('new_lr_scale', TrainConfig.new_lr_scale) != TrainConfig.new_lr_scale else ''}`
   (`--fetch-data` runs `apt-get download` into `$AKL_TRAIN_DATA`, default `outputs/train_data`).
   Data order, crops and noise are seeded, but the LR schedule follows
   max(step / steps, elapsed / minutes): a run that the clock stops (as this one{' was' if m['steps'] < m['steps_target'] else ' was not'})
@@ -966,19 +1036,37 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
     heldout = heldout_images(cfg.eval_max_side, cfg.debian)
 
     vae = AutoencoderKL(**model_config(cfg))
-    fresh: Dict[str, torch.Tensor] = {}  # weights of widened latent channels (they step cfg.new_lr_scale x faster)
+    fresh: Dict[str, torch.Tensor] = {}  # weights a widening added (they step cfg.new_lr_scale x faster)
     if cfg.init:
-        # fine-tune: start from an earlier model of the same widths (its weights, not its config)
+        # fine-tune: start from an earlier model (its weights, not its config), widened or deepened to cfg's
         start_from = AutoencoderKL.from_single_file(cfg.init)
-        if start_from.config.latent_channels > cfg.latent_channels:
-            raise ValueError(f"{cfg.init} has {start_from.config.latent_channels} latent channels: "
-                             f"give --latent-channels {start_from.config.latent_channels} (or more)")
-        if start_from.config.latent_channels < cfg.latent_channels:
-            if start_from.config.layers_per_block != cfg.layers_per_block:
-                raise ValueError("widen the latent or deepen the levels, not both in one run")
-            added = widen_latent(start_from, vae, cfg.seed)
+        have = start_from.config
+        if have.latent_channels > cfg.latent_channels:
+            raise ValueError(f"{cfg.init} has {have.latent_channels} latent channels: "
+                             f"give --latent-channels {have.latent_channels} (or more)")
+        if have.norm_num_groups > cfg.norm_groups:
+            raise ValueError(f"{cfg.init} has {have.norm_num_groups} GroupNorm groups: give --groups "
+                             f"{have.norm_num_groups} (or more)")
+        wider_latent = have.latent_channels < cfg.latent_channels
+        wider = have.norm_num_groups < cfg.norm_groups
+        if (wider_latent or wider) and have.layers_per_block != cfg.layers_per_block:
+            raise ValueError("widen the latent or the levels, or deepen the levels, not both in one run")
+        if wider_latent:
+            # at init's widths first (into vae itself unless the levels widen next)
+            narrow = AutoencoderKL(**{**model_config(cfg), "block_out_channels": have.block_out_channels,
+                                    "norm_num_groups": have.norm_num_groups}) if wider else vae
+            added = widen_latent(start_from, narrow, cfg.seed)
             print(f"widened {cfg.init}: {added} latent channels added, unread by the decoder at first", flush=True)
-            fresh = new_latent_elements(vae, start_from.config.latent_channels)
+            fresh = new_latent_elements(narrow, have.latent_channels)
+            start_from = narrow
+        if wider:
+            shapes = {name: p.shape for name, p in start_from.named_parameters()}
+            added = widen_width(start_from, vae)
+            print(f"widened {cfg.init}: {added} channels added over the levels ({have.norm_num_groups} -> "
+                  f"{cfg.norm_groups} groups), unread by the old ones at first", flush=True)
+            fresh = copied_elements(shapes, vae, fresh)
+        elif wider_latent:
+            pass
         elif start_from.config.layers_per_block < cfg.layers_per_block:
             added = deepen(start_from, vae)
             print(f"deepened {cfg.init}: {len(added)} resnets added as identities", flush=True)
@@ -1095,10 +1183,10 @@ def add_snapshot(total: Optional[List[torch.Tensor]], params: List[torch.Tensor]
     return total
 
 
-def _latent_channels_of(path: str) -> Optional[int]:
-    """The latent channels of the single-file model at `path` (None when it is gone, as when a card is
-    re-exported elsewhere)."""
-    return AutoencoderKL.from_single_file(path).config.latent_channels if Path(path).is_file() else None
+def _config_of(path: str, field: str) -> Optional[int]:
+    """A config field (latent_channels, norm_num_groups) of the single-file model at `path` (None when
+    it is gone, as when a card is re-exported elsewhere)."""
+    return getattr(AutoencoderKL.from_single_file(path).config, field) if Path(path).is_file() else None
 
 
 def init_text(m: dict) -> str:
@@ -1106,11 +1194,22 @@ def init_text(m: dict) -> str:
     if not m.get("init"):
         return "From random weights. "
     old, new = m.get("init_latent_channels"), m["config"]["latent_channels"]
+    g_old, g_new = m.get("init_groups"), m["config"].get("norm_num_groups", MODEL_CONFIG["norm_num_groups"])
+    changes = []
     if old and old < new:
-        how = (f"the same architecture with {old} latent channels, widened here to {new} (`--latent-channels {new}`): "
-               f"the old channels kept their weights, the new ones started unread by the decoder and their own "
-               f"weights stepped {m.get('new_lr_scale', TrainConfig.new_lr_scale):g}x faster; its own card, at that "
-               "commit, says how it was made")
+        changes.append(f"{old} latent channels, widened here to {new} (`--latent-channels {new}`)")
+    if g_old and g_old < g_new:
+        widths = list(m["config"]["block_out_channels"])
+        narrow = [w // g_new * g_old for w in widths]
+        changes.append(f"{g_old} GroupNorm groups and widths {narrow}, widened here to {g_new} groups and widths "
+                       f"{widths} (`--groups {g_new}`; each group kept its channel count)")
+    if changes:
+        new_ones = ("the new ones started unread by the decoder" if len(changes) == 1 and old and old < new
+                    else "the new channels started unread by the old ones")
+        how = (f"the same architecture with {' and '.join(changes)}: the old channels kept their weights, "
+               f"{new_ones} and their own weights stepped "
+               f"{m.get('new_lr_scale', TrainConfig.new_lr_scale):g}x faster; its own card, at that commit, says how "
+               "it was made")
     else:
         how = "the same architecture; its own card, at that commit, says how it was made"
     return (f"Initialised from `{m['init']}`, the demo model shipped at git {m.get('init_git', '2d26bec')} ({how}), "
@@ -1166,7 +1265,8 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
         "averaged": averaged,
         "init": Path(cfg.init).name if cfg.init else None,
         "init_git": cfg.init_git,
-        "init_latent_channels": _latent_channels_of(cfg.init) if cfg.init else None,
+        "init_latent_channels": _config_of(cfg.init, "latent_channels") if cfg.init else None,
+        "init_groups": _config_of(cfg.init, "norm_num_groups") if cfg.init else None,
         "new_lr_scale": cfg.new_lr_scale,
         "debian_packages": dict(images.DEBIAN_PACKAGES) if cfg.debian else {},
         "eval_max_side": cfg.eval_max_side,
@@ -1243,8 +1343,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="resnets per encoder level; an --init model with fewer is deepened (identity resnets added)")
     ap.add_argument("--latent-channels", type=int, default=TrainConfig.latent_channels,
                     help="latent channels; an --init model with fewer gets the new ones unread by its decoder at first")
+    ap.add_argument("--groups", type=int, default=TrainConfig.norm_groups,
+                    help="GroupNorm groups; the widths grow with them (%d groups: %s, the same channels per group "
+                         "for any count); an --init model with fewer is widened (new channels unread at first)"
+                    % (MODEL_CONFIG["norm_num_groups"], ", ".join(map(str, MODEL_CONFIG["block_out_channels"]))))
     ap.add_argument("--new-lr-scale", type=float, default=TrainConfig.new_lr_scale,
-                    help="with --latent-channels widening --init: step-size multiple for the added channels' weights")
+                    help="with --latent-channels or --groups widening --init: step-size multiple for the added weights")
     ap.add_argument("--global-colour-weight", type=float, default=TrainConfig.global_colour_weight,
                     help="weight of an L1 term on each crop's mean colour (0: off, as the shipped model)")
     ap.add_argument("--colour-weight", type=float, default=TrainConfig.colour_weight,
@@ -1269,7 +1373,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       debian=not (args.no_debian or args.smoke), bf16=not args.fp32,
                       init=str(args.init or ""), init_git=args.init_git, lr=args.lr, full_hue=args.full_hue, jitter_share=args.jitter_share,
                       average_from=args.average_from,
-                      layers_per_block=args.layers_per_block, latent_channels=args.latent_channels, new_lr_scale=args.new_lr_scale, global_colour_weight=args.global_colour_weight,
+                      layers_per_block=args.layers_per_block, latent_channels=args.latent_channels, norm_groups=args.groups, new_lr_scale=args.new_lr_scale, global_colour_weight=args.global_colour_weight,
                       colour_weight=args.colour_weight, ema_decay=args.ema_decay)
     if args.crops:
         cfg = dataclasses.replace(cfg, phases=parse_crops(args.crops))

@@ -371,6 +371,58 @@ def test_widen_latent_starts_from_the_narrower_models_outputs_and_can_learn_the_
         tsv.widen_latent(dst, src)
 
 
+def test_widen_width_starts_from_the_narrower_models_outputs_and_can_learn_the_new_channels():
+    """--groups N with an --init of fewer groups: every level widens in proportion (each group keeps
+    its channel count), and the wider model must compute what the narrower one does: the old groups
+    hold exactly the old channels, the old rows read no new channel, and the attention's 1/sqrt(C)
+    score scale is made up for in its query rows. The new channels must be live (random, with a
+    gradient), and copied_elements() must mark exactly the elements that were not copied."""
+    tsv = _trainer()
+    small, src, dst = _small_pair(norm_num_groups=12, block_out_channels=(24, 24))
+    shapes = {name: p.shape for name, p in src.named_parameters()}
+    assert tsv.widen_width(src, dst) == 16
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        p_src, p_dst = src.encode(x).latent_dist, dst.encode(x).latent_dist
+        torch.testing.assert_close(p_dst.mean, p_src.mean, rtol=0, atol=1e-5)
+        torch.testing.assert_close(p_dst.logvar, p_src.logvar, rtol=0, atol=1e-5)
+        z = torch.randn(1, 4, 4, 4)
+        torch.testing.assert_close(dst.decode(z).sample, src.decode(z).sample, rtol=0, atol=1e-5)
+        # the new channels compute something (the decoder's new rows kept their random weights)
+        feats = {}
+        dst.decoder.up_blocks[-1].register_forward_hook(lambda mod, inp, out: feats.update(top=out))
+        dst.decode(z)
+        assert feats["top"].shape[1] == 24 and feats["top"][:, 16:].std() > 0.01
+    dst.train()
+    out = dst(x, sample_posterior=False).sample
+    out.square().mean().backward()
+    assert dst.decoder.conv_out.weight.grad[:, 16:].abs().sum() > 0  # the old output starts to read them
+    assert dst.decoder.mid_block.attentions[0].to_q.weight.grad[16:].abs().sum() > 0
+    have = dict(src.named_parameters())
+    masks = tsv.copied_elements(shapes, dst)
+    assert set(masks) == {name for name, p in dst.named_parameters() if p.shape != shapes[name]}
+    for name, p in dst.named_parameters():
+        if name in masks:
+            m = masks[name]
+            block = tuple(slice(0, n) for n in shapes[name])
+            assert m.dtype == torch.bool and m.shape == p.shape
+            assert not m[block].any() and m.sum() == p.numel() - have[name].numel()
+            if ".to_q." not in name:  # the query rows were rescaled, the rest copied as they were
+                assert torch.equal(p.detach()[block], have[name].detach())
+    # an earlier widening's masks ride along inside the copied block
+    earlier = {"decoder.conv_in.weight": torch.ones(shapes["decoder.conv_in.weight"], dtype=torch.bool)}
+    both = tsv.copied_elements(shapes, dst, earlier)
+    assert both["decoder.conv_in.weight"].all()
+    with pytest.raises(ValueError, match="cannot widen the widths from 12 to 8 groups"):
+        tsv.widen_width(dst, src)
+    odd = AutoencoderKL(**dict(small, norm_num_groups=12, block_out_channels=(24, 36)))
+    with pytest.raises(ValueError, match=r"12 groups of \[2, 2\] channels per level are \(24, 24\)"):
+        tsv.widen_width(src, odd)
+    deeper = AutoencoderKL(**dict(small, norm_num_groups=12, block_out_channels=(24, 24), layers_per_block=2))
+    with pytest.raises(ValueError, match="layers_per_block differs"):
+        tsv.widen_width(src, deeper)
+
+
 def test_the_card_says_when_a_fine_tune_widened_the_latent():
     tsv = _trainer()
 
@@ -382,6 +434,11 @@ def test_the_card_says_when_a_fine_tune_widened_the_latent():
     same = tsv.init_text(dict(m, init_latent_channels=16))
     assert "widened" not in same and "(the same architecture;" in same
     assert tsv.init_text({"config": {"latent_channels": 4}}) == "From random weights. "
+    both = tsv.init_text(dict(m, init_groups=16, config={"latent_channels": 16, "norm_num_groups": 20,
+                                                          "block_out_channels": [40, 60, 80, 80]}))
+    assert ("with 4 latent channels, widened here to 16 (`--latent-channels 16`) and 16 GroupNorm groups and "
+            "widths [32, 48, 64, 64], widened here to 20 groups and widths [40, 60, 80, 80] (`--groups 20`") in both
+    assert "the new channels started unread by the old ones" in both
 
 
 def test_global_colour_term_costs_a_uniform_cast_and_is_off_by_default():
