@@ -22,7 +22,7 @@ import comfy.sd
 
 from ..vae_core import AutoencoderKL
 from ..vae_core import convert, loading
-from ..vae_core.latent_formats import describe_channels
+from ..vae_core.latent_formats import FAMILIES, describe_channels
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +58,15 @@ def outside_inference_mode():
     return stack
 
 
-def latent_mismatch_message(got: int, expected: int, what: str = "latent") -> str:
+def latent_mismatch_message(got: int, expected: int, what: str = "latent", vae_family: Optional[str] = None) -> str:
+    """The error for a latent of the wrong channel count. The VAE is named by its own family when its
+    file names one that its channel count alone would not suggest (the demo VAE shares SD3's and FLUX.1's
+    16 channels, say); otherwise by the families that use that many channels."""
+    vae = describe_channels(expected)
+    if vae_family in FAMILIES and FAMILIES[vae_family].label.split("/")[0] not in vae:
+        vae = f"family {vae_family}"
     return (f"a {got}-channel {what} ({describe_channels(got)}) was given to a {expected}-channel VAE "
-            f"({describe_channels(expected)}); the latent and the VAE come from different model families. "
+            f"({vae}); the latent and the VAE come from different model families. "
             f"Use the VAE that belongs to the model that made this latent.")
 
 
@@ -222,7 +228,8 @@ class AutoencoderKLVAE(comfy.sd.VAE):
             raise ValueError(f"expected a latent of shape [B, C, H, W], got {list(samples.shape)}; "
                              "this VAE handles images, not video or audio latents")
         if samples.shape[1] != self.latent_channels:
-            raise ValueError(latent_mismatch_message(samples.shape[1], self.latent_channels))
+            family = (getattr(self.core, "info", None) or {}).get("family")
+            raise ValueError(latent_mismatch_message(samples.shape[1], self.latent_channels, vae_family=family))
 
     def use_own_attention(self) -> None:
         """Put this object's attention processors on the (possibly shared) modules."""

@@ -95,6 +95,20 @@ def test_latent_channel_mismatch_message(nc, loader, tiny16_file):
         nc.AutoencoderKLDecodeTiled().decode({"samples": torch.zeros(1, 4, 8, 8)}, vae16, 64, 16)
 
 
+
+def test_latent_channel_mismatch_names_the_vaes_own_family(pack, nc):
+    """The demo VAE's channel count says nothing of its family (16 since the eighth model, like SD3
+    and FLUX.1): the error names the family its file declares, where the count would mislead."""
+    message = pack.nodes.vae_object.latent_mismatch_message
+    assert "16-channel VAE (family demo)" in message(4, 16, vae_family="demo")
+    assert "16-channel VAE (SD3/FLUX" in message(4, 16, vae_family="flux")  # the count already says it
+    assert "16-channel VAE (SD3/FLUX" in message(4, 16)
+    demo = nc.AutoencoderKLLoader().load("autoencoderkl-demo-f8.safetensors")["result"][0]
+    wrong = 4 if demo.latent_channels != 4 else 16
+    with pytest.raises(ValueError, match=rf"a {wrong}-channel latent .* was given to a "
+                                         rf"{demo.latent_channels}-channel VAE \(family demo\)"):
+        nc.AutoencoderKLDecode().decode({"samples": torch.zeros(1, wrong, 8, 8)}, demo)
+
 def test_posterior_sample_is_seeded(nc, loader, image):
     enc = nc.AutoencoderKLEncode()
     mode = enc.encode(image, loader)["result"][0]["samples"]
