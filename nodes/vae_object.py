@@ -22,7 +22,7 @@ import comfy.sd
 
 from ..vae_core import AutoencoderKL
 from ..vae_core import convert, loading
-from ..vae_core.latent_formats import FAMILIES, describe_channels
+from ..vae_core.latent_formats import describe_channels
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +59,10 @@ def outside_inference_mode():
 
 
 def latent_mismatch_message(got: int, expected: int, what: str = "latent", vae_family: Optional[str] = None) -> str:
-    """The error for a latent of the wrong channel count. The VAE is named by its own family when its
-    file names one that its channel count alone would not suggest (the demo VAE shares SD3's and FLUX.1's
-    16 channels, say); otherwise by the families that use that many channels."""
-    vae = describe_channels(expected)
-    if vae_family in FAMILIES and FAMILIES[vae_family].label.split("/")[0] not in vae:
-        vae = f"family {vae_family}"
+    """The error for a latent of the wrong channel count; the VAE is described by the family its file
+    names where its channel count would mislead (the demo VAE shares SD3's and FLUX.1's 16 channels)."""
     return (f"a {got}-channel {what} ({describe_channels(got)}) was given to a {expected}-channel VAE "
-            f"({vae}); the latent and the VAE come from different model families. "
+            f"({describe_channels(expected, vae_family)}); the latent and the VAE come from different model families. "
             f"Use the VAE that belongs to the model that made this latent.")
 
 

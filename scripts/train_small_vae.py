@@ -1090,13 +1090,12 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
             print(f"widened {cfg.init}: {added} channels added over the levels ({have.norm_num_groups} -> "
                   f"{cfg.norm_groups} groups), unread by the old ones at first", flush=True)
             fresh = copied_elements(shapes, vae, fresh)
-        elif wider_latent:
-            pass
-        elif start_from.config.layers_per_block < cfg.layers_per_block:
-            added = deepen(start_from, vae)
-            print(f"deepened {cfg.init}: {len(added)} resnets added as identities", flush=True)
-        else:
-            vae.load_state_dict(start_from.state_dict(), strict=True)
+        if not (wider_latent or wider):
+            if have.layers_per_block < cfg.layers_per_block:
+                added = deepen(start_from, vae)
+                print(f"deepened {cfg.init}: {len(added)} resnets added as identities", flush=True)
+            else:
+                vae.load_state_dict(start_from.state_dict(), strict=True)
     vae.train()
     fast = [(p, fresh[name]) for name, p in vae.named_parameters() if name in fresh]  # (weight, mask), once
     ema_vae = AutoencoderKL(**model_config(cfg)).eval()  # the shipped weights: an EMA of vae's
@@ -1220,17 +1219,18 @@ def init_text(m: dict) -> str:
         return "From random weights. "
     old, new = m.get("init_latent_channels"), m["config"]["latent_channels"]
     g_old, g_new = m.get("init_groups"), m["config"].get("norm_num_groups", MODEL_CONFIG["norm_num_groups"])
+    wider_latent, wider = bool(old and old < new), bool(g_old and g_old < g_new)
     changes = []
-    if old and old < new:
+    if wider_latent:
         changes.append(f"{old} latent channels, widened here to {new} (`--latent-channels {new}`)")
-    if g_old and g_old < g_new:
+    if wider:
         widths = list(m["config"]["block_out_channels"])
         narrow = [w // g_new * g_old for w in widths]
         changes.append(f"{g_old} GroupNorm groups and widths {narrow}, widened here to {g_new} groups and widths "
                        f"{widths} (`--groups {g_new}`; each group kept its channel count)")
     if changes:
-        new_ones = ("the new ones started unread by the decoder" if len(changes) == 1 and old and old < new
-                    else "the new channels started unread by the old ones")
+        new_ones = ("the new channels started unread by the old ones" if wider
+                    else "the new ones started unread by the decoder")
         how = (f"the same architecture with {' and '.join(changes)}: the old channels kept their weights, "
                f"{new_ones} and their own weights stepped "
                f"{m.get('new_lr_scale', TrainConfig.new_lr_scale):g}x faster; its own card, at that commit, says how "

@@ -61,7 +61,11 @@ def get_family(name: str) -> LatentFormat:
     return FAMILIES[key]
 
 
-def describe_channels(channels: int) -> str:
-    """Which families use `channels` latent channels, for error messages."""
-    names = [f.label for f in FAMILIES.values() if f.latent_channels == channels and f.name != "demo"]
+def describe_channels(channels: int, family: Optional[str] = None) -> str:
+    """Which families use `channels` latent channels, for error messages. A model whose file names a
+    `family` that this count would not suggest (the demo's, left out of the list) is named by it."""
+    using = [f for f in FAMILIES.values() if f.latent_channels == channels and f.name != "demo"]
+    if family in FAMILIES and FAMILIES[family] not in using:
+        return f"family {family}"
+    names = [f.label for f in using]
     return "/".join(n.split("/")[0] if "/" in n and len(names) > 1 else n for n in names) if names else "unknown family"

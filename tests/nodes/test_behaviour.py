@@ -95,7 +95,6 @@ def test_latent_channel_mismatch_message(nc, loader, tiny16_file):
         nc.AutoencoderKLDecodeTiled().decode({"samples": torch.zeros(1, 4, 8, 8)}, vae16, 64, 16)
 
 
-
 def test_latent_channel_mismatch_names_the_vaes_own_family(pack, nc):
     """The demo VAE's channel count says nothing of its family (16 since the eighth model, like SD3
     and FLUX.1): the error names the family its file declares, where the count would mislead."""
@@ -108,6 +107,7 @@ def test_latent_channel_mismatch_names_the_vaes_own_family(pack, nc):
     with pytest.raises(ValueError, match=rf"a {wrong}-channel latent .* was given to a "
                                          rf"{demo.latent_channels}-channel VAE \(family demo\)"):
         nc.AutoencoderKLDecode().decode({"samples": torch.zeros(1, wrong, 8, 8)}, demo)
+
 
 def test_posterior_sample_is_seeded(nc, loader, image):
     enc = nc.AutoencoderKLEncode()
