@@ -74,6 +74,45 @@ def test_half_precision_input_keeps_its_dtype():
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
 
 
+class _CopyingStats(GroupStats):
+    """The statistics as they were taken before: each dense piece copied to fp32 first."""
+
+    def _add_dense(self, t, fmt):
+        super()._add_dense(t.float().contiguous(memory_format=fmt), fmt)
+
+
+def test_half_precision_statistics_match_those_of_an_fp32_copy(monkeypatch):
+    """bf16/fp16 channels_last chunks go to the statistics kernel as they are (it accumulates in fp32
+    when handed fp32 running buffers): their moments are those of the fp32 copies it used to get,
+    within an fp32 rounding, and as accurate against float64, over row chunks, batches and crops of a
+    wider tensor; NCHW pieces are still copied, so theirs are the same to the last bit."""
+    monkeypatch.setattr(norm, "CHUNK_PIXELS", 40)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(2, 12, 13, 19, generator=g) * 2 + 5 + torch.randn(1, 12, 1, 1, generator=g)
+    for dtype in (torch.bfloat16, torch.float16):
+        wide = base.to(dtype).contiguous(memory_format=torch.channels_last)
+        half, copied = GroupStats(2, 3), _CopyingStats(2, 3)
+        for p in (wide[:, :, :7, :11], wide[:, :, 7:, :11], wide[:, :, :, 11:]):
+            half.add(p)
+            copied.add(p)
+        assert len(half.counts) == len(copied.counts) > 3
+        for a, b in zip(half.means + half.m2s, copied.means + copied.m2s):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+        (mean, rstd), (mean_c, rstd_c) = half.finish(1e-6), copied.finish(1e-6)
+        rows = wide.double().reshape(2, 3, -1)
+        exact_mean, exact_rstd = rows.mean(-1), torch.rsqrt(rows.var(-1, correction=0) + 1e-6)
+        # fp32 moments of the rounded values, not moments rounded to bf16/fp16
+        torch.testing.assert_close(mean, exact_mean, rtol=1e-6, atol=0)
+        torch.testing.assert_close(rstd, exact_rstd, rtol=1e-5, atol=0)
+        assert (rstd - exact_rstd).abs().max() <= 2 * (rstd_c - exact_rstd).abs().max() + 1e-12
+
+        nchw, nchw_copied = GroupStats(2, 3), _CopyingStats(2, 3)
+        nchw.add(wide.contiguous())
+        nchw_copied.add(wide.contiguous())
+        for a, b in zip(nchw.means + nchw.m2s, nchw_copied.means + nchw_copied.m2s):
+            assert torch.equal(a, b), dtype
+
+
 def test_forward_in_place_gives_the_same_numbers_in_the_same_buffer():
     gn = _module()
     for dtype in (torch.float32, torch.bfloat16):
