@@ -52,10 +52,19 @@ def rel_err(y, ref) -> float:
     return float((y.double() - ref).abs().max() / ref.abs().max())
 
 
+REFUSED = set()  # (in, out) channels of convs NNPACK refused ("SpatialConvolution_updateOutput failed")
+
+
 def nnpack_conv(conv, x):
+    """conv(x) through NNPACK, or through conv's own forward where NNPACK refuses the shape (it does
+    for the 3-channel conv_in of an SD-size encoder, 3 -> 128, with no reason given)."""
     import torch
 
-    y = torch._nnpack_spatial_convolution(x.contiguous(), conv.weight.contiguous(), conv.bias, list(conv.padding))
+    try:
+        y = torch._nnpack_spatial_convolution(x.contiguous(), conv.weight.contiguous(), conv.bias, list(conv.padding))
+    except RuntimeError:
+        REFUSED.add((conv.in_channels, conv.out_channels))
+        return type(conv).forward(conv, x)
     return y.contiguous(memory_format=torch.channels_last)
 
 
@@ -132,6 +141,8 @@ def model_rows(config, sizes, repeats: int) -> None:
                 (t_d, e_d), (t_n, e_n) = row[False], row[True]
                 print(f"| {op} | {size} | {t_d:.3f} | {t_n:.3f} | {t_n / t_d:.2f} | {e_d:.1e} | {e_n:.1e} |",
                       flush=True)
+    if REFUSED:
+        print("NNPACK refused (ran direct instead): " + ", ".join(f"{a}->{b}" for a, b in sorted(REFUSED)))
 
 
 def main(argv=None) -> int:
