@@ -56,8 +56,9 @@ REFUSED = set()  # (in, out) channels of convs NNPACK refused ("SpatialConvoluti
 
 
 def nnpack_conv(conv, x):
-    """conv(x) through NNPACK, or through conv's own forward where NNPACK refuses the shape (it does
-    for the 3-channel conv_in of an SD-size encoder, 3 -> 128, with no reason given)."""
+    """conv(x) through NNPACK, or through conv's own forward where NNPACK refuses the call. Every call
+    fails, with no reason given, until something has run nnp_initialize: torch's
+    `_nnpack_available()` does, and main() calls it first."""
     import torch
 
     try:
