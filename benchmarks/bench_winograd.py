@@ -22,22 +22,13 @@ import argparse
 import copy
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_attention import best_of  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 # (in channels, out channels, side) of the 3x3 convs in an SD-size VAE at a 512² image
 CONV_SHAPES = ((512, 512, 64), (256, 512, 128), (256, 256, 128), (128, 128, 256), (128, 128, 512))
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def rss_mib() -> float:
