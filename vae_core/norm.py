@@ -60,7 +60,7 @@ class GroupStats:
         # torch.batch_norm_update_stats gives per-channel mean and biased variance in one call,
         # ~20x faster than var_mean on the CPU; it pools the batch, so one call per item
         if t.dtype in (torch.bfloat16, torch.float16) and t.device.type == "cpu" and fmt == torch.channels_last:
-            # Half-precision channels_last input: given fp32 running buffers (only read, momentum 0),
+            # Half-precision channels_last input: given fp32 running buffers (throwaway; momentum 0),
             # the CPU kernel accumulates in fp32 and returns fp32 moments without an fp32 copy of
             # the chunk (3x faster on 512-channel chunks). They are those of the copy to the last
             # bit for most chunk shapes and within an fp32 rounding of them for the rest, equally
