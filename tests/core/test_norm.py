@@ -87,13 +87,23 @@ def test_half_precision_statistics_match_those_of_an_fp32_copy(monkeypatch):
     within an fp32 rounding, and as accurate against float64, over row chunks, batches and crops of a
     wider tensor; NCHW pieces are still copied, so theirs are the same to the last bit."""
     monkeypatch.setattr(norm, "CHUNK_PIXELS", 40)
+    kernel = torch.batch_norm_update_stats
+    seen = []  # the dtypes the statistics kernel is handed
+
+    def recording(x, *args):
+        seen.append(x.dtype)
+        return kernel(x, *args)
+
+    monkeypatch.setattr(torch, "batch_norm_update_stats", recording)
     g = torch.Generator().manual_seed(3)
     base = torch.randn(2, 12, 13, 19, generator=g) * 2 + 5 + torch.randn(1, 12, 1, 1, generator=g)
     for dtype in (torch.bfloat16, torch.float16):
         wide = base.to(dtype).contiguous(memory_format=torch.channels_last)
         half, copied = GroupStats(2, 3), _CopyingStats(2, 3)
         for p in (wide[:, :, :7, :11], wide[:, :, 7:, :11], wide[:, :, :, 11:]):
+            seen.clear()
             half.add(p)
+            assert seen and set(seen) == {dtype}, "the half-precision chunks were copied to fp32 first"
             copied.add(p)
         assert len(half.counts) == len(copied.counts) > 3
         for a, b in zip(half.means + half.m2s, copied.means + copied.m2s):
@@ -107,7 +117,9 @@ def test_half_precision_statistics_match_those_of_an_fp32_copy(monkeypatch):
         assert (rstd - exact_rstd).abs().max() <= 2 * (rstd_c - exact_rstd).abs().max() + 1e-12
 
         nchw, nchw_copied = GroupStats(2, 3), _CopyingStats(2, 3)
+        seen.clear()
         nchw.add(wide.contiguous())
+        assert set(seen) == {torch.float32}, "NCHW pieces keep their fp32 copy"
         nchw_copied.add(wide.contiguous())
         for a, b in zip(nchw.means + nchw.m2s, nchw_copied.means + nchw_copied.m2s):
             assert torch.equal(a, b), dtype
