@@ -675,9 +675,9 @@ _SECOND_CAST = ("  The second model (a 30 min fine-tune of the first, git ad7780
                 "  (-34/255 of green on the dune) while training photos at 512 px kept theirs (mostly\n"
                 "  27-32 dB, shifts mostly within 3/255, at most 6.5), and new photos from another package scored 19-28 dB with\n"
                 "  shifts up to 16/255: it had learnt its 24 training photos more than colour itself.")
-HISTORY_THIRD = (_SECOND_CAST + " This\n"
-                 "  run, the third model, fine-tunes the second with the 15 photos of lomiri-wallpapers-16.04\n"
-                 "  added and on 192-320 px crops (GroupNorm statistics nearer a whole photo's).\n")
+_RUN_THIRD = (" This\n"
+              "  run, the third model, fine-tunes the second with the 15 photos of lomiri-wallpapers-16.04\n"
+              "  added and on 192-320 px crops (GroupNorm statistics nearer a whole photo's).\n")
 _THIRD_MODEL = ("  The third model (git 188b03b) fine-tuned the second 95 min with the 15 photos of\n"
                 "  lomiri-wallpapers-16.04 added, on 192-320 px crops (GroupNorm statistics nearer a whole\n"
                 "  photo's): 24.51 dB mean held-out PSNR, worst shift 13.5/255, and every held-out photo still\n"
@@ -691,116 +691,154 @@ _FOURTH_RUN = ("the third 88 min with KDE Plasma's 11 photos added (50 training 
                "  held-out PSNR, worst shift 7.3/255, against {who} 25.04 dB and 6.3/255. Not shipped.\n")
 _FOURTH_SWING = ("  The fourth model's held-out colour swung by 2.5-7.7/255 between evaluations 500 steps apart:\n"
                  "  a moving average of ~200 steps did not average out the drift of batch-1 full-hue crops.")
-HISTORY_FOURTH = (_SECOND_CAST + "\n" + _THIRD_MODEL + " This run, the fourth\n  model, fine-tunes "
-                  + _FOURTH_RUN.format(who="this model's"))
-# the lineage up to the fourth model, told by the cards of the models fine-tuned from it and later
-_TO_FOURTH = (_SECOND_CAST + "\n" + _THIRD_MODEL + " The fourth\n  model (git 894ae08) fine-tuned "
-              + _FOURTH_RUN.format(who="the fourth's") + _FOURTH_SWING)
-HISTORY_FIFTH = (_TO_FOURTH + " This\n"
-                 "  run, the fifth model, fine-tunes the fourth 100 min at half its learning rate with a longer\n"
-                 "  average (`--ema-decay 0.999`) and the whole-crop colour term (`--global-colour-weight 2`), on\n"
-                 "  256-320 px crops. Beside it ran the same on 320-384 px crops (7,376 steps against 11,370):\n"
-                 "  25.15 dB mean, the cat's green -2.3/255 but the dune's -6.4, worst 6.4/255, against this\n"
-                 "  model's 25.15 dB, -4.0 and -5.6, worst 5.6/255. Not shipped.\n")
+_RUN_FOURTH = (" This run, the fourth\n  model, fine-tunes "
+               + _FOURTH_RUN.format(who="this model's"))
+_FOURTH_MODEL = ("  The fourth model (git 894ae08) fine-tuned "
+                 + _FOURTH_RUN.format(who="the fourth's") + _FOURTH_SWING)
+_RUN_FIFTH = (" This\n"
+              "  run, the fifth model, fine-tunes the fourth 100 min at half its learning rate with a longer\n"
+              "  average (`--ema-decay 0.999`) and the whole-crop colour term (`--global-colour-weight 2`), on\n"
+              "  256-320 px crops. Beside it ran the same on 320-384 px crops (7,376 steps against 11,370):\n"
+              "  25.15 dB mean, the cat's green -2.3/255 but the dune's -6.4, worst 6.4/255, against this\n"
+              "  model's 25.15 dB, -4.0 and -5.6, worst 5.6/255. Not shipped.\n")
 _FIFTH_MODEL = ("  The fifth model (git 4dfd22d) fine-tuned the fourth 100 min at half its learning rate with\n"
                 "  `--ema-decay 0.999` and `--global-colour-weight 2` on 256-320 px crops: 25.15 dB mean,\n"
                 "  lowest 22.08 (the dune), worst shift 5.57/255 (the dune's green). An optimised latent\n"
                 "  (`scripts/probe_decoder_limit.py`, the decoder fixed) removed its green casts (the dune's\n"
                 "  -5.57 -> +0.13/255) but raised PSNR by only 0.2-0.9 dB (the dune 22.6, the coffee 24.5 dB):\n"
                 "  the casts are the encoder's, the PSNR misses the decoder's own limit.")
-HISTORY_SIXTH = (_TO_FOURTH + "\n" + _FIFTH_MODEL + " This run, the sixth\n"
-                 "  model, fine-tunes the fifth with the colour jitter on every colour crop (`--jitter-share 1`:\n"
-                 "  no crop shows its photo's own colours, so the encoder must carry colour for any content).\n"
-                 "  It was started before `--average-from` existed; the mean of its EMA snapshots from half-way\n"
-                 "  was taken afterwards from copies of its checkpoints, by the rule that option now applies.\n"
-                 "  Beside it ran the fifth's recipe with heavier colour terms (`--colour-weight 3\n"
-                 "  --global-colour-weight 6`, 95 min, 12,327 steps, averaged by the same rule): 25.17 dB mean,\n"
-                 "  lowest 22.09, worst shift 4.56/255 (the dune's green), against this model's 25.31, 22.27\n"
-                 "  and 4.15. Not shipped.\n")
+_RUN_SIXTH = (" This run, the sixth\n"
+              "  model, fine-tunes the fifth with the colour jitter on every colour crop (`--jitter-share 1`:\n"
+              "  no crop shows its photo's own colours, so the encoder must carry colour for any content).\n"
+              "  It was started before `--average-from` existed; the mean of its EMA snapshots from half-way\n"
+              "  was taken afterwards from copies of its checkpoints, by the rule that option now applies.\n"
+              "  Beside it ran the fifth's recipe with heavier colour terms (`--colour-weight 3\n"
+              "  --global-colour-weight 6`, 95 min, 12,327 steps, averaged by the same rule): 25.17 dB mean,\n"
+              "  lowest 22.09, worst shift 4.56/255 (the dune's green), against this model's 25.31, 22.27\n"
+              "  and 4.15. Not shipped.\n")
 _SIXTH_MODEL = ("  The sixth model (git f33a875) fine-tuned the fifth 85 min with the colour jitter on every\n"
                 "  colour crop (`--jitter-share 1`), shipping the mean of its EMA snapshots from half-way:\n"
                 "  25.31 dB mean, lowest 22.27 (the dune), worst shift 4.15/255 (the cat's green).")
-HISTORY_SEVENTH = (_TO_FOURTH + "\n" + _FIFTH_MODEL + "\n" + _SIXTH_MODEL + " So this run,\n"
-                   "  the seventh model, gives the decoder more to read: the sixth's 4 latent channels widened\n"
-                   "  to 8 (`--latent-channels 8`: 8 numbers per 8x8 block of 192 pixel values instead of 4;\n"
-                   "  SD3's and FLUX.1's VAEs use 16). A first try at the fine-tune's learning rate alone left\n"
-                   "  the new channels unused (decoder.conv_in's new columns at 1/30 of the old ones' size after\n"
-                   "  2,000 steps, held-out PSNR no better than the sixth's) and was stopped; here the added\n"
-                   "  weights step 20x faster (`--new-lr-scale`). Beside it ran the same with 16 channels\n"
-                   "  (11,220 steps, averaged by the same rule): 26.25 dB mean, lowest 22.88, worst shift\n"
-                   "  4.30/255 (the dune's green), against this model's 26.05, 22.70 and 3.43. Not shipped: the\n"
-                   "  rule fixed when both runs were half-way asked for no worse a colour shift than the sixth's\n"
-                   "  4.15 (and >= 25.51 dB mean, >= 22.27 lowest).\n")
+_RUN_SEVENTH = (" So this run,\n"
+                "  the seventh model, gives the decoder more to read: the sixth's 4 latent channels widened\n"
+                "  to 8 (`--latent-channels 8`: 8 numbers per 8x8 block of 192 pixel values instead of 4;\n"
+                "  SD3's and FLUX.1's VAEs use 16). A first try at the fine-tune's learning rate alone left\n"
+                "  the new channels unused (decoder.conv_in's new columns at 1/30 of the old ones' size after\n"
+                "  2,000 steps, held-out PSNR no better than the sixth's) and was stopped; here the added\n"
+                "  weights step 20x faster (`--new-lr-scale`). Beside it ran the same with 16 channels\n"
+                "  (11,220 steps, averaged by the same rule): 26.25 dB mean, lowest 22.88, worst shift\n"
+                "  4.30/255 (the dune's green), against this model's 26.05, 22.70 and 3.43. Not shipped: the\n"
+                "  rule fixed when both runs were half-way asked for no worse a colour shift than the sixth's\n"
+                "  4.15 (and >= 25.51 dB mean, >= 22.27 lowest).\n")
 _SEVENTH_MODEL = ("  The seventh model (git e5b3a59) widened the sixth's 4 latent channels to 8 (`--latent-channels\n"
                   "  8`; the added weights stepped 20x faster, `--new-lr-scale`) and fine-tuned it 90 min: 26.05 dB\n"
                   "  mean, lowest 22.70 (the dune), worst shift 3.43/255 (the dune's green). A 16-channel twin\n"
                   "  run beside it (26.25 dB, worst shift 4.30/255) was not shipped by the colour rule then. A\n"
                   "  105 min run of the seventh widened to 16 channels (2026-12-02) reached 26.47 dB, lowest\n"
                   "  23.07, worst shift 1.20/255; its weights were not kept.")
-HISTORY_EIGHTH = (_TO_FOURTH + "\n" + _FIFTH_MODEL + "\n" + _SIXTH_MODEL + "\n" + _SEVENTH_MODEL + " This run, the\n"
-                  "  eighth model, repeats that widening (`--latent-channels 16`: 16 numbers per 8x8 block, as\n"
-                  "  SD3's and FLUX.1's VAEs) for 90 min, averaging the EMA snapshots from 80% of the run\n"
-                  "  (`--average-from 0.8`: the curve was still rising at half-way). Beside it ran the same with\n"
-                  "  every level widened too (`--groups 20`: widths 40/60/80/80, 1.79 M parameters, the new\n"
-                  "  channels unread by the old ones at first): 3,727 steps against this run's 5,308 (1.45 s per\n"
-                  "  step against 1.02), 26.32 dB mean, lowest 22.95, worst shift 2.49/255, against this\n"
-                  "  model's 26.43, 23.02 and 1.02. At equal steps the two ran level (26.27 and 26.26 dB at step\n"
-                  "  3,000): in 90 min the wider levels did not pay for their slower steps. Not shipped.\n"
-                  "  The rule, fixed before either run's first evaluation: ship the higher held-out mean among\n"
-                  "  those with a mean >= 26.05 dB, a lowest >= 22.70 and a worst shift <= 3.43/255.\n")
+_RUN_EIGHTH = (" This run, the\n"
+               "  eighth model, repeats that widening (`--latent-channels 16`: 16 numbers per 8x8 block, as\n"
+               "  SD3's and FLUX.1's VAEs) for 90 min, averaging the EMA snapshots from 80% of the run\n"
+               "  (`--average-from 0.8`: the curve was still rising at half-way). Beside it ran the same with\n"
+               "  every level widened too (`--groups 20`: widths 40/60/80/80, 1.79 M parameters, the new\n"
+               "  channels unread by the old ones at first): 3,727 steps against this run's 5,308 (1.45 s per\n"
+               "  step against 1.02), 26.32 dB mean, lowest 22.95, worst shift 2.49/255, against this\n"
+               "  model's 26.43, 23.02 and 1.02. At equal steps the two ran level (26.27 and 26.26 dB at step\n"
+               "  3,000): in 90 min the wider levels did not pay for their slower steps. Not shipped.\n"
+               "  The rule, fixed before either run's first evaluation: ship the higher held-out mean among\n"
+               "  those with a mean >= 26.05 dB, a lowest >= 22.70 and a worst shift <= 3.43/255.\n")
 _EIGHTH_MODEL = ("  The eighth model (git 3f3a557) repeated that widening (`--latent-channels 16`) for 90 min,\n"
                  "  averaging the EMA snapshots from 80% of the run (`--average-from 0.8`): 26.43 dB mean, lowest\n"
                  "  23.02 (the dune), worst shift 1.02/255. A twin with every level widened too (`--groups 20`)\n"
                  "  ran level with it step for step but took 1.45 s per step against 1.02, so in 90 min it\n"
                  "  reached only 26.32 dB; more time was where that widening could still pay.")
-HISTORY_NINTH = (_TO_FOURTH + "\n" + _FIFTH_MODEL + "\n" + _SIXTH_MODEL + "\n" + _SEVENTH_MODEL + "\n" + _EIGHTH_MODEL
-                 + " This run, the\n"
-                 "  ninth model, gives it that time: the eighth with every level 1.25x wider (`--groups 20`: widths\n"
-                 "  40/60/80/80, 20 GroupNorm groups of the same 2-4 channels, 1.79 M parameters; `widen_width()`\n"
-                 "  starts it from the eighth's outputs, the new channels unread by the old ones), fine-tuned\n"
-                 "  105 min on one thread, 4,476 steps. Beside it ran the eighth continued without widening (80\n"
-                 "  min, 5,171 steps): 26.59 dB mean, lowest 23.15, but a worst shift of 2.30/255 (the dune's\n"
-                 "  red), against this model's 26.60, 23.20 and 1.77. Not shipped: above the 2/255 colour bar.\n"
-                 "  The rule, fixed before either run's first evaluation was read: ship the higher held-out mean\n"
-                 "  among those with a mean >= 26.48 dB (the eighth's + 0.05), a lowest >= 22.95 and a worst\n"
-                 "  shift <= 2.00/255, in at most 5 MB.\n")
-# The history paragraph of a card, by the git commit of the model it was fine-tuned from.
-HISTORY = {"ad77800": HISTORY_THIRD, "188b03b": HISTORY_FOURTH, "894ae08": HISTORY_FIFTH, "4dfd22d": HISTORY_SIXTH,
-           "f33a875": HISTORY_SEVENTH, "e5b3a59": HISTORY_EIGHTH, "3f3a557": HISTORY_NINTH}
-# Minutes of the fine-tunes behind the model shipped at each commit (the first: 18 min from scratch).
-FINE_TUNES = {"2d26bec": (), "ad77800": (30,), "188b03b": (30, 95), "894ae08": (30, 95, 88), "4dfd22d": (30, 95, 88, 100),
-              "f33a875": (30, 95, 88, 100, 85), "e5b3a59": (30, 95, 88, 100, 85, 90),
-              "3f3a557": (30, 95, 88, 100, 85, 90, 90)}
-_COUNT = {1: "one fine-tune", 2: "two fine-tunes", 3: "three fine-tunes", 4: "four fine-tunes", 5: "five fine-tunes",
-          6: "six fine-tunes", 7: "seven fine-tunes", 8: "eight fine-tunes"}
+_NINTH_MODEL = ("  The ninth model (git d8f25a5) widened every level of the eighth 1.25x (`--groups 20`: widths\n"
+                "  40/60/80/80, 1.79 M parameters) and fine-tuned it 105 min: 26.60 dB mean, lowest 23.20 (the\n"
+                "  dune), worst shift 1.77/255. Right after the widening it fell (26.01 dB at step 1,000); it\n"
+                "  passed the eighth continued unwidened (26.59 dB, worst shift 2.30/255) only near the end.")
+_RUN_NINTH = (" This run, the\n"
+              "  ninth model, gives it that time: the eighth with every level 1.25x wider (`--groups 20`: widths\n"
+              "  40/60/80/80, 20 GroupNorm groups of the same 2-4 channels, 1.79 M parameters; `widen_width()`\n"
+              "  starts it from the eighth's outputs, the new channels unread by the old ones), fine-tuned\n"
+              "  105 min on one thread, 4,476 steps. Beside it ran the eighth continued without widening (80\n"
+              "  min, 5,171 steps): 26.59 dB mean, lowest 23.15, but a worst shift of 2.30/255 (the dune's\n"
+              "  red), against this model's 26.60, 23.20 and 1.77. Not shipped: above the 2/255 colour bar.\n"
+              "  The rule, fixed before either run's first evaluation was read: ship the higher held-out mean\n"
+              "  among those with a mean >= 26.48 dB (the eighth's + 0.05), a lowest >= 22.95 and a worst\n"
+              "  shift <= 2.00/255, in at most 5 MB.\n")
+
+@dataclasses.dataclass(frozen=True)
+class Shipped:
+    """One demo model as shipped: what the cards of the models fine-tuned from it (and later) say."""
+    git: str  # the commit whose models/vae/ file it is (the --init-git of the model after it)
+    minutes: int  # its own run: from random weights for the first, a fine-tune of the one before for the rest
+    title: str  # heads the card's table of the model this one replaces
+    summary: str  # its paragraph in the lineage told by later cards ("" for the first: the card's text tells it)
+
+
+# Every demo model shipped so far, oldest first. A card fine-tuned from LINEAGE[i] tells the
+# summaries of LINEAGE[1..i], then its own run (RUN_NOTES, by --init-git); the next model to ship
+# adds its Shipped entry here and its run's paragraph to RUN_NOTES.
+LINEAGE = (
+    Shipped("2d26bec", 18, "The first demo model (1.13 M parameters, fp32, 18 min of training on skimage.data only)", ""),
+    Shipped("ad77800", 30, "The second demo model (git ad77800: the first, fine-tuned 30 min on 128-256 px crops of "
+            "24 photos)", _SECOND_CAST),
+    Shipped("188b03b", 95, "The third demo model (git 188b03b: the second, fine-tuned 95 min on 192-320 px crops of "
+            "39 photos)", _THIRD_MODEL),
+    Shipped("894ae08", 88, "The fourth demo model (git 894ae08: the third, fine-tuned 88 min on 192-320 px crops of "
+            "50 photos)", _FOURTH_MODEL),
+    Shipped("4dfd22d", 100, "The fifth demo model (git 4dfd22d: the fourth, fine-tuned 100 min on 256-320 px crops of "
+            "50 photos)", _FIFTH_MODEL),
+    Shipped("f33a875", 85, "The sixth demo model (git f33a875: the fifth, fine-tuned 85 min with the colour jitter on "
+            "every colour crop; 4 latent channels)", _SIXTH_MODEL),
+    Shipped("e5b3a59", 90, "The seventh demo model (git e5b3a59: the sixth with its latent widened to 8 channels, "
+            "fine-tuned 90 min)", _SEVENTH_MODEL),
+    Shipped("3f3a557", 90, "The eighth demo model (git 3f3a557: the seventh with its latent widened to 16 channels, "
+            "fine-tuned 90 min)", _EIGHTH_MODEL),
+    Shipped("d8f25a5", 105, "The ninth demo model (git d8f25a5: the eighth with every level widened to 20 groups, "
+            "widths 40/60/80/80, fine-tuned 105 min)", _NINTH_MODEL),
+)
+# The paragraph of a card on its own run, by the git commit of the model it was fine-tuned from.
+RUN_NOTES = {"ad77800": _RUN_THIRD, "188b03b": _RUN_FOURTH, "894ae08": _RUN_FIFTH, "4dfd22d": _RUN_SIXTH,
+             "f33a875": _RUN_SEVENTH, "e5b3a59": _RUN_EIGHTH, "3f3a557": _RUN_NINTH}
+_NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
+
+
+def _lineage_upto(init_git: str) -> Optional[Tuple[Shipped, ...]]:
+    """LINEAGE up to and with the model shipped at `init_git`, or None for a commit outside it."""
+    gits = [s.git for s in LINEAGE]
+    return LINEAGE[:gits.index(init_git) + 1] if init_git in gits else None
+
+
+def history(init_git: str) -> str:
+    """The card's lineage paragraph for a model fine-tuned from the one shipped at `init_git`:
+    the summaries of the models since the first, then this run's note ("" if none is written)."""
+    upto = _lineage_upto(init_git)
+    if upto is None or init_git not in RUN_NOTES:
+        return ""
+    return "\n".join(s.summary for s in upto[1:]) + RUN_NOTES[init_git]
+
+
+def before_title(init_git: str) -> str:
+    """The heading of the card's table of the model this one replaces."""
+    upto = _lineage_upto(init_git)
+    return upto[-1].title if upto else "The model this one replaces"
 
 
 def _training_span(m: dict) -> str:
     """How long the model was trained in all, for the card's Limits: this run's wall clock plus,
-    for a fine-tune, the runs behind its --init model (FINE_TUNES, by --init-git)."""
+    for a fine-tune, the runs behind its --init model (LINEAGE, by --init-git)."""
     this = round(m["wall_s"] / 60)
     if not m.get("init"):
         return f"{this} min from random weights"
-    earlier = FINE_TUNES.get(m.get("init_git", "2d26bec"))
-    if earlier is None:
+    upto = _lineage_upto(m.get("init_git", LINEAGE[0].git))
+    if upto is None:
         return f"a {this} min fine-tune of the model at git {m['init_git']}"
-    runs = [*earlier, this]
+    runs = [s.minutes for s in upto[1:]] + [this]
     minutes = runs[0] if len(runs) == 1 else ", ".join(map(str, runs[:-1])) + f" and {runs[-1]}"
-    return f"18 min from scratch, then {_COUNT.get(len(runs), f'{len(runs)} fine-tunes')} of {minutes} min"
-
-
-# Title of the "before" table, by the git commit of the model this one was fine-tuned from.
-BEFORE_TITLE = {"2d26bec": "The first demo model (1.13 M parameters, fp32, 18 min of training on skimage.data only)",
-                "ad77800": "The second demo model (git ad77800: the first, fine-tuned 30 min on 128-256 px crops of 24 photos)",
-                "188b03b": "The third demo model (git 188b03b: the second, fine-tuned 95 min on 192-320 px crops of 39 photos)",
-                "894ae08": "The fourth demo model (git 894ae08: the third, fine-tuned 88 min on 192-320 px crops of 50 photos)",
-                "4dfd22d": "The fifth demo model (git 4dfd22d: the fourth, fine-tuned 100 min on 256-320 px crops of 50 photos)",
-                "f33a875": "The sixth demo model (git f33a875: the fifth, fine-tuned 85 min with the colour jitter on every "
-                           "colour crop; 4 latent channels)",
-                "e5b3a59": "The seventh demo model (git e5b3a59: the sixth with its latent widened to 8 channels, "
-                           "fine-tuned 90 min)",
-                "3f3a557": "The eighth demo model (git 3f3a557: the seventh with its latent widened to 16 channels, "
-                           "fine-tuned 90 min)"}
+    count = _NUMBERS[len(runs)] if len(runs) < len(_NUMBERS) else str(len(runs))
+    return (f"{upto[0].minutes} min from scratch, then {count} fine-tune{'s' if len(runs) > 1 else ''} "
+            f"of {minutes} min")
 
 
 def crops_arg(phases) -> str:
@@ -944,7 +982,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
   within 2/255, 24.5 dB), whole it lost 25/255 of green (22.0 dB); the first model does the same
   (+0.9 vs -17/255). GroupNorm normalises with the statistics of what it sees, so a model trained
   on small crops casts whole photos; the second model trained on 128-256 px crops.{HISTORY_FULL_HUE if m.get('full_hue') else ''}
-{HISTORY.get(m.get('init_git', '2d26bec'), '')}  The held-out photos were looked at during these runs to make these choices.
+{history(m.get('init_git', LINEAGE[0].git))}  The held-out photos were looked at during these runs to make these choices.
 - Reproduce: {('`git show ' + m.get('init_git', '2d26bec') + ':models/vae/autoencoderkl-demo-f8.safetensors > ' + m['init'] + '`, then ') if m.get('init') else ''}`.venv/bin/python scripts/train_small_vae.py --fetch-data --out models
   --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --jitter-share ' + format(m['jitter_share'], 'g')) if m.get('jitter_share') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --colour-weight ' + format(m['colour_weight'], 'g')) if m.get('colour_weight', TrainConfig.colour_weight) != TrainConfig.colour_weight else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --average-from ' + format(m['average_from'], 'g')) if m.get('average_from') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}{(' --latent-channels ' + str(m['config']['latent_channels'])) if m['config']['latent_channels'] != MODEL_CONFIG['latent_channels'] else ''}{(' --groups ' + str(m['config']['norm_num_groups'])) if m['config'].get('norm_num_groups', MODEL_CONFIG['norm_num_groups']) != MODEL_CONFIG['norm_num_groups'] else ''}{(' --new-lr-scale ' + format(m['new_lr_scale'], 'g')) if m.get('new_lr_scale', TrainConfig.new_lr_scale) != TrainConfig.new_lr_scale else ''}`
   (`--fetch-data` runs `apt-get download` into `$AKL_TRAIN_DATA`, default `outputs/train_data`).
@@ -967,7 +1005,7 @@ of reconstruction minus original per channel (R, G, B), in 8-bit code values.
 {heldout}
 | **mean** | | **{m['mean_psnr']:.2f}** | **{m['mean_ssim']:.4f}** | largest {m['max_colour_shift']:.2f} |
 
-{(BEFORE_TITLE.get(m.get('init_git', '2d26bec'), 'The model this one replaces') + ' on the same photos:' + chr(10) + chr(10) + '| image | PSNR (dB) | SSIM | mean shift R, G, B (/255) |' + chr(10) + '|---|---|---|---|' + chr(10) + first_rows + chr(10)) if first_rows else ''}
+{(before_title(m.get('init_git', LINEAGE[0].git)) + ' on the same photos:' + chr(10) + chr(10) + '| image | PSNR (dB) | SSIM | mean shift R, G, B (/255) |' + chr(10) + '|---|---|---|---|' + chr(10) + first_rows + chr(10)) if first_rows else ''}
 ![before and after](before_after.jpg)
 
 ![reconstructions](reconstructions.png)

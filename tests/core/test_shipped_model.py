@@ -472,6 +472,30 @@ def test_card_training_span_counts_every_run_of_the_lineage():
     assert tsv._training_span(shipped) in (ROOT / "models" / "MODEL_CARD.md").read_text().replace("\n  ", " ")
 
 
+def test_card_lineage_tells_every_earlier_model_once_in_order_and_the_shipped_card_matches():
+    """A card fine-tuned from LINEAGE[i] tells the summaries of LINEAGE[1..i] in order, each once,
+    then its own run's note; the shipped card's lineage paragraph is what this code writes for it."""
+    tsv = _trainer()
+    flat = lambda text: " ".join(text.split())  # the card wraps lines; Markdown reads them as one
+    gits = [s.git for s in tsv.LINEAGE]
+    assert len(set(gits)) == len(gits) and set(tsv.RUN_NOTES) <= set(gits)
+    for i, shipped in enumerate(tsv.LINEAGE):
+        text = tsv.history(shipped.git)
+        if shipped.git not in tsv.RUN_NOTES:
+            assert text == ""
+            continue
+        at = [text.index(s.summary) for s in tsv.LINEAGE[1:i + 1]]
+        assert at == sorted(at) and all(text.count(s.summary) == 1 for s in tsv.LINEAGE[1:i + 1])
+        assert text.endswith(tsv.RUN_NOTES[shipped.git])
+        assert not any(s.summary in text for s in tsv.LINEAGE[i + 1:])
+        assert tsv.before_title(shipped.git) == shipped.title
+    assert tsv.history("0000000") == "" and tsv.before_title("0000000") == "The model this one replaces"
+    shipped = json.loads((ROOT / "models" / "metrics.json").read_text())
+    card = flat((ROOT / "models" / "MODEL_CARD.md").read_text())
+    assert flat(tsv.history(shipped["init_git"])) in card
+    assert tsv.before_title(shipped["init_git"]) in card
+
+
 def test_jitter_share_sets_how_many_colour_crops_are_recoloured_and_the_card_says_so(monkeypatch):
     """--jitter-share: the share of colour crops that get the colour jitter (1: every one, so no
     crop shows its photo's own colours); 0 keeps the old defaults. The card's sentence follows."""
