@@ -551,3 +551,20 @@ def test_decoder_limit_probe_lowers_the_loss_it_optimises():
     y0, y, l1_before, l1_after = probe.probe(model, x, steps=10, lr=0.02)
     assert y.shape == y0.shape == x.shape
     assert l1_after < l1_before, (l1_before, l1_after)
+
+
+def test_error_spectrum_bands_sum_to_the_mean_square_and_place_a_stripe_by_its_period():
+    """scripts/error_spectrum.py: the bands cover every frequency once (Parseval), and a stripe of
+    period 6 px (1/6 cycles/px) lands in the 1/8-1/4 band, one of period 40 px in the lowest."""
+    _trainer()  # puts scripts/ on the path
+    import error_spectrum as es
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(40, 56, 3))
+    assert sum(es.band_energy(noise)) == pytest.approx(float((noise ** 2).mean()), rel=1e-12)
+    cols = np.arange(120)
+    for period, band in ((6, (1 / 8, 1 / 4)), (40, (0, 1 / 32))):
+        stripe = np.repeat(np.sin(2 * np.pi * cols / period)[None, :, None], 48, axis=0).repeat(3, axis=2)
+        energy = dict(zip(es.BANDS, es.band_energy(stripe)))
+        assert energy[band] == pytest.approx(0.5, rel=1e-9)  # a unit sine's mean square
+        assert sum(v for b, v in energy.items() if b != band) < 1e-20
