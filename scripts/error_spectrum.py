@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import train_small_vae as tsv  # noqa: E402  (the card's held-out images, conversions and metrics)
+from probe_decoder_limit import probe  # noqa: E402
 from vae_core import AutoencoderKL  # noqa: E402
 
 # radial bands in cycles per pixel: an 8x8 latent block spans periods of 8 px, so 1/8 and up is
@@ -44,11 +45,11 @@ def band_energy(x: np.ndarray, bands: Sequence[Tuple[float, float]] = BANDS) -> 
     return [float(power[(radius >= lo) & (radius < hi)].sum()) for lo, hi in bands]
 
 
-def report(name: str, what: str, a: np.ndarray, rec: np.ndarray) -> str:
+def report(name: str, what: str, a: np.ndarray, rec: np.ndarray, signal: Sequence[float]) -> str:
+    """One table row: `rec`'s error against photo `a` per band, beside `signal`, `a`'s own band energy."""
     err = rec.astype(np.float64) - a.astype(np.float64)
     mse = float((err ** 2).mean())
     e = band_energy(err)
-    signal = band_energy(a.astype(np.float64) - a.mean(axis=(0, 1)))
     cells = " | ".join(f"{ei:.0f} / {si:.0f} ({10 * np.log10(255 ** 2 / max(mse - ei, 1e-9)):.2f})"
                        for ei, si in zip(e, signal))
     return f"| {name} | {what} | {10 * np.log10(255 ** 2 / mse):.2f} | {cells} |"
@@ -74,12 +75,11 @@ def main(argv=None) -> int:
     for name, a in tsv.heldout_images().items():
         if args.images and name not in args.images:
             continue
-        print(report(name, "encoder's", a, tsv.reconstruct(model, a)), flush=True)
+        signal = band_energy(a.astype(np.float64) - a.mean(axis=(0, 1)))  # DC left out: the photo's mean
+        print(report(name, "encoder's", a, tsv.reconstruct(model, a), signal), flush=True)
         if args.optimise:
-            from probe_decoder_limit import probe
-
             _, y, _, _ = probe(model, tsv.to_tensor(a)[None], args.optimise, args.lr)
-            print(report(name, f"optimised ({args.optimise} steps)", a, tsv.to_uint8(y.detach()[0])), flush=True)
+            print(report(name, f"optimised ({args.optimise} steps)", a, tsv.to_uint8(y.detach()[0]), signal), flush=True)
     return 0
 
 

@@ -752,10 +752,6 @@ _EIGHTH_MODEL = ("  The eighth model (git 3f3a557) repeated that widening (`--la
                  "  23.02 (the dune), worst shift 1.02/255. A twin with every level widened too (`--groups 20`)\n"
                  "  ran level with it step for step but took 1.45 s per step against 1.02, so in 90 min it\n"
                  "  reached only 26.32 dB; more time was where that widening could still pay.")
-_NINTH_MODEL = ("  The ninth model (git d8f25a5) widened every level of the eighth 1.25x (`--groups 20`: widths\n"
-                "  40/60/80/80, 1.79 M parameters) and fine-tuned it 105 min: 26.60 dB mean, lowest 23.20 (the\n"
-                "  dune), worst shift 1.77/255. Right after the widening it fell (26.01 dB at step 1,000); it\n"
-                "  passed the eighth continued unwidened (26.59 dB, worst shift 2.30/255) only near the end.")
 _RUN_NINTH = (" This run, the\n"
               "  ninth model, gives it that time: the eighth with every level 1.25x wider (`--groups 20`: widths\n"
               "  40/60/80/80, 20 GroupNorm groups of the same 2-4 channels, 1.79 M parameters; `widen_width()`\n"
@@ -767,6 +763,23 @@ _RUN_NINTH = (" This run, the\n"
               "  among those with a mean >= 26.48 dB (the eighth's + 0.05), a lowest >= 22.95 and a worst\n"
               "  shift <= 2.00/255, in at most 5 MB.\n")
 
+_NINTH_MODEL = ("  The ninth model (git d8f25a5) widened every level of the eighth 1.25x (`--groups 20`: widths\n"
+                "  40/60/80/80, 1.79 M parameters) and fine-tuned it 105 min: 26.60 dB mean, lowest 23.20 (the\n"
+                "  dune), worst shift 1.77/255. Right after the widening it fell (26.01 dB at step 1,000); it\n"
+                "  passed the eighth continued unwidened (26.59 dB, worst shift 2.30/255) only near the end.")
+_RUN_TENTH = (" This run, the\n"
+              "  tenth model, widens the ninth once more (`--groups 22`: widths 44/66/88/88, 2.16 M parameters, 4.3 MB\n"
+              "  in fp16) and fine-tunes it 100 min on one thread, 3,310 steps. Beside it ran the ninth continued\n"
+              "  without widening (100 min, 4,009 steps): 26.75 dB mean, lowest 23.31, but a worst shift of\n"
+              "  2.14/255 (the dune's red), against this model's 26.71, 23.28 and 1.71. Not shipped: above the\n"
+              "  2/255 colour bar. This smaller widening dipped less than the ninth's (26.19 dB at step 500) and\n"
+              "  was level again by step 1,000. The rule, fixed before either run started: ship the higher\n"
+              "  held-out mean among those with a mean >= 26.65 dB (the ninth's + 0.05), a lowest >= 23.15 and\n"
+              "  a worst shift <= 2.00/255, in at most 5 MB. Where the error is left (`scripts/error_spectrum.py`\n"
+              "  on the ninth model): the dune's detail finer than 8 px (1/8 cycles/px and up) is almost all\n"
+              "  lost (error energy 116 and 57 against the photo's 125 and 63 in the two finest bands), and a\n"
+              "  latent optimised for the photo with the decoder fixed leaves it so (115 and 58; PSNR 23.20 ->\n"
+              "  23.58 dB): the decoder cannot draw that texture, whatever latent it is given.\n")
 _TENTH_MODEL = ("  The tenth model (git c1f997e) widened the ninth again (`--groups 22`: widths 44/66/88/88, 2.16 M\n"
                 "  parameters) and fine-tuned it 100 min: 26.71 dB mean, lowest 23.28 (the dune), worst shift\n"
                 "  1.71/255; the coffee reached 25 dB (25.03). The ninth continued unwidened beside it (26.75 dB)\n"
@@ -806,19 +819,6 @@ LINEAGE = (
     Shipped("c1f997e", 100, "The tenth demo model (git c1f997e: the ninth with every level widened to 22 groups, "
             "widths 44/66/88/88, fine-tuned 100 min)", _TENTH_MODEL),
 )
-_RUN_TENTH = (" This run, the\n"
-              "  tenth model, widens the ninth once more (`--groups 22`: widths 44/66/88/88, 2.16 M parameters, 4.3 MB\n"
-              "  in fp16) and fine-tunes it 100 min on one thread, 3,310 steps. Beside it ran the ninth continued\n"
-              "  without widening (100 min, 4,009 steps): 26.75 dB mean, lowest 23.31, but a worst shift of\n"
-              "  2.14/255 (the dune's red), against this model's 26.71, 23.28 and 1.71. Not shipped: above the\n"
-              "  2/255 colour bar. This smaller widening dipped less than the ninth's (26.19 dB at step 500) and\n"
-              "  was level again by step 1,000. The rule, fixed before either run started: ship the higher\n"
-              "  held-out mean among those with a mean >= 26.65 dB (the ninth's + 0.05), a lowest >= 23.15 and\n"
-              "  a worst shift <= 2.00/255, in at most 5 MB. Where the error is left (`scripts/error_spectrum.py`\n"
-              "  on the ninth model): the dune's detail finer than 8 px (1/8 cycles/px and up) is almost all\n"
-              "  lost (error energy 116 and 57 against the photo's 125 and 63 in the two finest bands), and a\n"
-              "  latent optimised for the photo with the decoder fixed leaves it so (115 and 58; PSNR 23.20 ->\n"
-              "  23.58 dB): the decoder cannot draw that texture, whatever latent it is given.\n")
 # The paragraph of a card on its own run, by the git commit of the model it was fine-tuned from.
 RUN_NOTES = {"ad77800": _RUN_THIRD, "188b03b": _RUN_FOURTH, "894ae08": _RUN_FIFTH, "4dfd22d": _RUN_SIXTH,
              "f33a875": _RUN_SEVENTH, "e5b3a59": _RUN_EIGHTH, "3f3a557": _RUN_NINTH, "d8f25a5": _RUN_TENTH}
@@ -926,6 +926,7 @@ def write_model_card(out: Path, m: dict) -> None:
         colour_limit = (f"photos unlike the training set still shift colour (see the held-out table): colour does not "
                         f"yet generalise from {n_train} training images")
     pkgs = ", ".join(f"`{k}` {v}" for k, v in (m.get("debian_packages") or {}).items())
+    init_git = m.get("init_git", LINEAGE[0].git)
     first = m.get("first_model") or {}
     first_rows = "\n".join(f"| {n} | {r['psnr']:.2f} | {r['ssim']:.4f} | {_shift_text(r)} |" for n, r in first.items())
     text = f"""# {NAME}: a small KL-f8 VAE for demos and tests
@@ -1003,9 +1004,9 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
   within 2/255, 24.5 dB), whole it lost 25/255 of green (22.0 dB); the first model does the same
   (+0.9 vs -17/255). GroupNorm normalises with the statistics of what it sees, so a model trained
   on small crops casts whole photos; the second model trained on 128-256 px crops.{HISTORY_FULL_HUE if m.get('full_hue') else ''}
-{history(m.get('init_git', LINEAGE[0].git))}  The held-out photos were looked at during these runs to make these choices.
-- Reproduce: {('`git show ' + m.get('init_git', '2d26bec') + ':models/vae/autoencoderkl-demo-f8.safetensors > ' + m['init'] + '`, then ') if m.get('init') else ''}`.venv/bin/python scripts/train_small_vae.py --fetch-data --out models
-  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --jitter-share ' + format(m['jitter_share'], 'g')) if m.get('jitter_share') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --colour-weight ' + format(m['colour_weight'], 'g')) if m.get('colour_weight', TrainConfig.colour_weight) != TrainConfig.colour_weight else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --average-from ' + format(m['average_from'], 'g')) if m.get('average_from') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + m.get('init_git', '2d26bec') + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}{(' --latent-channels ' + str(m['config']['latent_channels'])) if m['config']['latent_channels'] != MODEL_CONFIG['latent_channels'] else ''}{(' --groups ' + str(m['config']['norm_num_groups'])) if m['config'].get('norm_num_groups', MODEL_CONFIG['norm_num_groups']) != MODEL_CONFIG['norm_num_groups'] else ''}{(' --new-lr-scale ' + format(m['new_lr_scale'], 'g')) if m.get('new_lr_scale', TrainConfig.new_lr_scale) != TrainConfig.new_lr_scale else ''}`
+{history(init_git)}  The held-out photos were looked at during these runs to make these choices.
+- Reproduce: {('`git show ' + init_git + ':models/vae/autoencoderkl-demo-f8.safetensors > ' + m['init'] + '`, then ') if m.get('init') else ''}`.venv/bin/python scripts/train_small_vae.py --fetch-data --out models
+  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --jitter-share ' + format(m['jitter_share'], 'g')) if m.get('jitter_share') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --colour-weight ' + format(m['colour_weight'], 'g')) if m.get('colour_weight', TrainConfig.colour_weight) != TrainConfig.colour_weight else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --average-from ' + format(m['average_from'], 'g')) if m.get('average_from') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + init_git + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}{(' --latent-channels ' + str(m['config']['latent_channels'])) if m['config']['latent_channels'] != MODEL_CONFIG['latent_channels'] else ''}{(' --groups ' + str(m['config']['norm_num_groups'])) if m['config'].get('norm_num_groups', MODEL_CONFIG['norm_num_groups']) != MODEL_CONFIG['norm_num_groups'] else ''}{(' --new-lr-scale ' + format(m['new_lr_scale'], 'g')) if m.get('new_lr_scale', TrainConfig.new_lr_scale) != TrainConfig.new_lr_scale else ''}`
   (`--fetch-data` runs `apt-get download` into `$AKL_TRAIN_DATA`, default `outputs/train_data`).
   Data order, crops and noise are seeded, but the LR schedule follows
   max(step / steps, elapsed / minutes): a run that the clock stops (as this one{' was' if m['steps'] < m['steps_target'] else ' was not'})
@@ -1026,7 +1027,7 @@ of reconstruction minus original per channel (R, G, B), in 8-bit code values.
 {heldout}
 | **mean** | | **{m['mean_psnr']:.2f}** | **{m['mean_ssim']:.4f}** | largest {m['max_colour_shift']:.2f} |
 
-{(before_title(m.get('init_git', LINEAGE[0].git)) + ' on the same photos:' + chr(10) + chr(10) + '| image | PSNR (dB) | SSIM | mean shift R, G, B (/255) |' + chr(10) + '|---|---|---|---|' + chr(10) + first_rows + chr(10)) if first_rows else ''}
+{(before_title(init_git) + ' on the same photos:' + chr(10) + chr(10) + '| image | PSNR (dB) | SSIM | mean shift R, G, B (/255) |' + chr(10) + '|---|---|---|---|' + chr(10) + first_rows + chr(10)) if first_rows else ''}
 ![before and after](before_after.jpg)
 
 ![reconstructions](reconstructions.png)
