@@ -216,6 +216,18 @@ def names(split: str, debian: bool = True) -> List[str]:
     return [im.name for im in IMAGES if im.split == split and (debian or not im.package)]
 
 
+def fit_longer_side(arr: np.ndarray, side: int) -> np.ndarray:
+    """`arr` (H, W, 3) uint8 shrunk (Lanczos) so its longer side is `side`; a smaller image is kept
+    as it is (never upscaled, which would smooth it)."""
+    from PIL import Image
+
+    h, w = arr.shape[:2]
+    if max(h, w) <= side:
+        return arr
+    s = side / max(h, w)
+    return np.asarray(Image.fromarray(arr).resize((round(w * s), round(h * s)), Image.LANCZOS))
+
+
 def center_crop_multiple(arr: np.ndarray, multiple: int = 8) -> np.ndarray:
     """Centre crop (H, W, ...) so both sides are multiples of `multiple` (the VAE's downscale factor)."""
     h, w = arr.shape[:2]

@@ -107,6 +107,8 @@ class TrainConfig:
     # groups. An `init` model with fewer groups is widened by widen_width(): the new channels start
     # unread by the old ones, so training starts from init's outputs
     norm_groups: int = MODEL_CONFIG["norm_num_groups"]
+    # also train on each image whole, shrunk to these longer sides (CropSampler; batches of one)
+    whole_sides: Tuple[int, ...] = ()
     new_lr_scale: float = 20.0  # step-size multiple for the weights widen_latent() and widen_width() add
 
 
@@ -325,12 +327,15 @@ class CropSampler:
     most +-20 degrees and scaled by 0.8-1.25, and brightness/contrast changed by a few per cent;
     with full_hue, half of them get the first model's turn by any angle (scale 0.6-1.4), so an
     image's context cannot predict its colours. Half the grey crops get a uniform tint.
+    With `whole_sides`, each image is also kept whole, shrunk to those longer sides (cropped to
+    multiples of 8): a batch of one then draws among its crop levels and these whole images alike,
+    so training sees photos as whole and as dense in detail as a 256 px held-out photo.
     """
 
     SCALES = (1.0, 0.7, 0.5, 0.35)
 
     def __init__(self, names: List[str], rng: np.random.Generator, min_crop: int, full_hue: bool = False,
-                 jitter_share: float = 0.0):
+                 jitter_share: float = 0.0, whole_sides: Tuple[int, ...] = ()):
         from PIL import Image
 
         self.rng = rng
@@ -338,6 +343,7 @@ class CropSampler:
         # share of the colour crops that are recoloured (grey crops: always half get a tint)
         self.jitter_share = jitter_share or (0.5 if full_hue else 0.25)
         self.pyramids: List[List[torch.Tensor]] = []
+        self.whole: List[List[torch.Tensor]] = []  # per image, whole at each of `whole_sides`
         self.colour: List[bool] = []
         for name in names:
             arr = images.load_rgb(name)
@@ -350,6 +356,8 @@ class CropSampler:
                 small = arr if s == 1.0 else np.asarray(Image.fromarray(arr).resize((sw, sh), Image.LANCZOS))
                 levels.append(to_tensor(small))
             self.pyramids.append(levels)
+            self.whole.append([to_tensor(images.center_crop_multiple(images.fit_longer_side(arr, side), 8))
+                               for side in whole_sides if side < max(h, w)])
             self.colour.append(not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2])))
         n_col = sum(self.colour)
         n_grey = len(self.colour) - n_col
@@ -362,12 +370,15 @@ class CropSampler:
             while True:  # an image too small for this crop (e.g. coins, 303 px, for 320 px crops) is redrawn
                 i = self.rng.choice(len(self.pyramids), p=self.weights)
                 fits = [lv for lv in self.pyramids[i] if min(lv.shape[1:]) >= crop]
+                if size == 1:  # whole images differ in shape, so only a batch of one takes them
+                    fits += self.whole[i]
                 if fits:
                     break
             level = fits[self.rng.integers(len(fits))]
             _, h, w = level.shape
-            top, left = self.rng.integers(h - crop + 1), self.rng.integers(w - crop + 1)
-            x = level[:, top : top + crop, left : left + crop]
+            ch, cw = min(crop, h), min(crop, w)  # a whole image smaller than the crop is taken whole
+            top, left = self.rng.integers(h - ch + 1), self.rng.integers(w - cw + 1)
+            x = level[:, top : top + ch, left : left + cw]
             if self.rng.random() < 0.5:
                 x = x.flip(2)
             if not self.colour[i] and self.rng.random() < 0.5:
@@ -476,6 +487,26 @@ def heldout_images(max_side: int = 0, debian: bool = True) -> Dict[str, np.ndarr
             arr = arr[: max_side, : max_side]
         out[name] = images.center_crop_multiple(arr, 8)
     return out
+
+
+# issue 17's targets hold "at 256-512 px": each held-out photo is also measured at these longer sides
+TARGET_SIDES = (256, 512)
+
+
+def heldout_at_sides(debian: bool = True, sides=TARGET_SIDES) -> Dict[int, Dict[str, np.ndarray]]:
+    """The held-out photos shrunk to each longer side in `sides` (kept as they are where smaller),
+    then centre-cropped to multiples of 8."""
+    loaded = {name: images.load_rgb(name) for name in images.names("test", debian)}
+    return {side: {name: images.center_crop_multiple(images.fit_longer_side(arr, side), 8)
+                   for name, arr in loaded.items()} for side in sides}
+
+
+def meets_targets(m: dict) -> bool:
+    """Issue 17's held-out targets: PSNR >= 25 dB on each photo, as evaluated and at each target
+    side, and every mean channel shift within 2/255."""
+    results = [m["heldout"]] + list((m.get("heldout_sides") or {}).values())
+    return all(r["psnr"] >= 25.0 and max(abs(c) for c in r["colour_shift"]) <= 2.0
+               for res in results for r in res.values())
 
 
 @torch.no_grad()
@@ -876,6 +907,15 @@ def average_text(m: dict) -> str:
             f"(`--average-from {m['average_from']:g}`), so that colour drifting between evaluations averages out")
 
 
+def whole_text(m: dict) -> str:
+    """The card's words on --whole-sides ("" without)."""
+    sides = m.get("whole_sides") or []
+    if not sides:
+        return ""
+    return (f", and each image whole, shrunk to {' and '.join(map(str, sides))} px on the longer side "
+            "(drawn as often as each crop scale)")
+
+
 def jitter_text(m: dict) -> str:
     """The card's sentence on colour jitter for a run's metrics `m`."""
     text = JITTER_FULL if m.get("full_hue") else JITTER_MILD
@@ -904,6 +944,22 @@ def _heldout_rows(res: Dict[str, dict]) -> str:
                      for n, r in res.items())
 
 
+def _sides_table(m: dict) -> str:
+    """The card's table of the held-out photos at issue 17's sizes ("" for a card without them)."""
+    sides = m.get("heldout_sides") or {}
+    if not sides:
+        return ""
+    head = "| image | " + " | ".join(f"{k} px: size | PSNR (dB) | mean shift R, G, B (/255)" for k in sides) + " |"
+    rule = "|---|" + "---|---|---|" * len(sides)
+    rows = [f"| {name} | " + " | ".join(f"{res[name]['shape'][1]}x{res[name]['shape'][0]} | {res[name]['psnr']:.2f} | "
+                                       f"{_shift_text(res[name])}" for res in sides.values()) + " |"
+            for name in next(iter(sides.values()))]
+    lowest = min(r["psnr"] for res in sides.values() for r in res.values())
+    return (f"At issue 17's sizes: each held-out photo shrunk (Lanczos) to {' and '.join(sides)} px on the longer side,\n"
+            "one smaller than that kept as it is, then measured as above (lowest "
+            f"{lowest:.2f} dB):\n\n" + "\n".join([head, rule] + rows) + "\n\n")
+
+
 def _licence_rows(split: str, debian: bool = True) -> str:
     """Card table rows: image | licence | source, for the images of `split` (Debian ones if `debian`)."""
     return "\n".join(f"| {im.name} | {im.licence} | {im.source} |" for im in images.IMAGES
@@ -915,7 +971,7 @@ def write_model_card(out: Path, m: dict) -> None:
         return _licence_rows(split, bool(m.get("debian_packages")))
 
     heldout = _heldout_rows(m["heldout"])
-    meets = all(r["psnr"] >= 25.0 for r in m["heldout"].values()) and m["max_colour_shift"] <= 2.0
+    meets = meets_targets(m)
     cfg = json.dumps(m["config"], indent=2)
     n_train = len(images.names("train", bool(m.get("debian_packages"))))
     if m["max_colour_shift"] <= 2.0:
@@ -976,7 +1032,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
 
 - Data: the {n_train} training images listed below (skimage.data{', and photos from the Debian packages ' + pkgs + ', fetched with `apt-get download` and unpacked with `dpkg-deb -x`' if pkgs else ''}).
   Debian photos are read at 1024 px on the longer side. Random crops at scales 1, 0.7, 0.5 and
-  0.35 of each image, horizontal flips (and vertical ones on the grey textures). {jitter_text(m)}
+  0.35 of each image{whole_text(m)}, horizontal flips (and vertical ones on the grey textures). {jitter_text(m)}
   Half of the grey crops get a uniform tint.
   Colour photos get 85% of the draws. Grey images are fed as RGB.
 - Loss: the reparameterised negative ELBO with an L1 likelihood on pixels in [-1, 1]
@@ -1006,7 +1062,7 @@ runs in fp32 unless a dtype is chosen. The shipped weights are an exponential mo
   on small crops casts whole photos; the second model trained on 128-256 px crops.{HISTORY_FULL_HUE if m.get('full_hue') else ''}
 {history(init_git)}  The held-out photos were looked at during these runs to make these choices.
 - Reproduce: {('`git show ' + init_git + ':models/vae/autoencoderkl-demo-f8.safetensors > ' + m['init'] + '`, then ') if m.get('init') else ''}`.venv/bin/python scripts/train_small_vae.py --fetch-data --out models
-  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --jitter-share ' + format(m['jitter_share'], 'g')) if m.get('jitter_share') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --colour-weight ' + format(m['colour_weight'], 'g')) if m.get('colour_weight', TrainConfig.colour_weight) != TrainConfig.colour_weight else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --average-from ' + format(m['average_from'], 'g')) if m.get('average_from') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --init ' + m['init'] + ' --init-git ' + init_git + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}{(' --latent-channels ' + str(m['config']['latent_channels'])) if m['config']['latent_channels'] != MODEL_CONFIG['latent_channels'] else ''}{(' --groups ' + str(m['config']['norm_num_groups'])) if m['config'].get('norm_num_groups', MODEL_CONFIG['norm_num_groups']) != MODEL_CONFIG['norm_num_groups'] else ''}{(' --new-lr-scale ' + format(m['new_lr_scale'], 'g')) if m.get('new_lr_scale', TrainConfig.new_lr_scale) != TrainConfig.new_lr_scale else ''}`
+  --steps {m['steps_target']} --minutes {m['minutes']:g} --threads {m['threads']} --seed {m['seed']} --lr {m.get('lr', TrainConfig.lr):g}{' --full-hue' if m.get('full_hue') else ''}{(' --jitter-share ' + format(m['jitter_share'], 'g')) if m.get('jitter_share') else ''}{(' --global-colour-weight ' + format(m['global_colour_weight'], 'g')) if m.get('global_colour_weight') else ''}{(' --colour-weight ' + format(m['colour_weight'], 'g')) if m.get('colour_weight', TrainConfig.colour_weight) != TrainConfig.colour_weight else ''}{(' --ema-decay ' + format(m['ema_decay'], 'g')) if m.get('ema_decay', TrainConfig.ema_decay) != TrainConfig.ema_decay else ''}{(' --average-from ' + format(m['average_from'], 'g')) if m.get('average_from') else ''}{(' --crops ' + crops_arg(m['phases'])) if m.get('phases') else ''}{(' --whole-sides ' + ','.join(map(str, m['whole_sides']))) if m.get('whole_sides') else ''}{(' --init ' + m['init'] + ' --init-git ' + init_git + ' --before ' + m['init']) if m.get('init') else ''}{(' --layers-per-block ' + str(m['config']['layers_per_block'])) if m['config']['layers_per_block'] != MODEL_CONFIG['layers_per_block'] else ''}{(' --latent-channels ' + str(m['config']['latent_channels'])) if m['config']['latent_channels'] != MODEL_CONFIG['latent_channels'] else ''}{(' --groups ' + str(m['config']['norm_num_groups'])) if m['config'].get('norm_num_groups', MODEL_CONFIG['norm_num_groups']) != MODEL_CONFIG['norm_num_groups'] else ''}{(' --new-lr-scale ' + format(m['new_lr_scale'], 'g')) if m.get('new_lr_scale', TrainConfig.new_lr_scale) != TrainConfig.new_lr_scale else ''}`
   (`--fetch-data` runs `apt-get download` into `$AKL_TRAIN_DATA`, default `outputs/train_data`).
   Data order, crops and noise are seeded, but the LR schedule follows
   max(step / steps, elapsed / minutes): a run that the clock stops (as this one{' was' if m['steps'] < m['steps_target'] else ' was not'})
@@ -1027,7 +1083,7 @@ of reconstruction minus original per channel (R, G, B), in 8-bit code values.
 {heldout}
 | **mean** | | **{m['mean_psnr']:.2f}** | **{m['mean_ssim']:.4f}** | largest {m['max_colour_shift']:.2f} |
 
-{(before_title(init_git) + ' on the same photos:' + chr(10) + chr(10) + '| image | PSNR (dB) | SSIM | mean shift R, G, B (/255) |' + chr(10) + '|---|---|---|---|' + chr(10) + first_rows + chr(10)) if first_rows else ''}
+{_sides_table(m)}{(before_title(init_git) + ' on the same photos:' + chr(10) + chr(10) + '| image | PSNR (dB) | SSIM | mean shift R, G, B (/255) |' + chr(10) + '|---|---|---|---|' + chr(10) + first_rows + chr(10)) if first_rows else ''}
 ![before and after](before_after.jpg)
 
 ![reconstructions](reconstructions.png)
@@ -1136,7 +1192,8 @@ def train(cfg: TrainConfig, work: Path, log_path: Path) -> tuple:
     rng = np.random.default_rng(cfg.seed)
     noise = torch.Generator().manual_seed(cfg.seed + 1)
     min_crop = min(p[1] for p in cfg.phases)  # levels smaller than every crop are dropped
-    sampler = CropSampler(images.names("train", cfg.debian), rng, min_crop, cfg.full_hue, cfg.jitter_share)
+    sampler = CropSampler(images.names("train", cfg.debian), rng, min_crop, cfg.full_hue, cfg.jitter_share,
+                          cfg.whole_sides)
     heldout = heldout_images(cfg.eval_max_side, cfg.debian)
 
     vae = AutoencoderKL(**model_config(cfg))
@@ -1332,6 +1389,7 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
     shipped = load_exported(weights).eval()  # evaluate what ships, not what is in memory
     heldout = heldout_images(cfg.eval_max_side, cfg.debian)
     res = evaluate(shipped, heldout)
+    res_sides = {str(side): evaluate(shipped, imgs) for side, imgs in heldout_at_sides(cfg.debian).items()}
     params = sum(p.numel() for p in shipped.parameters())
     last = rows[-1] if rows else {k: float("nan") for k in EMA_KEYS}
     metrics = {
@@ -1353,10 +1411,8 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
         "log_every": cfg.log_every,
         "final": {k: float(last[k]) for k in EMA_KEYS},
         "heldout": res,
-        "mean_psnr": float(np.mean([r["psnr"] for r in res.values()])),
-        "mean_ssim": float(np.mean([r["ssim"] for r in res.values()])),
-        "min_psnr": float(min(r["psnr"] for r in res.values())),
-        "max_colour_shift": float(max(abs(c) for r in res.values() for c in r["colour_shift"])),
+        "heldout_sides": res_sides,
+        **heldout_summary(res),
         "family": FAMILY,
         "bf16_autocast": cfg.bf16,
         "lr": cfg.lr,
@@ -1375,6 +1431,7 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
         "debian_packages": dict(images.DEBIAN_PACKAGES) if cfg.debian else {},
         "eval_max_side": cfg.eval_max_side,
         "phases": [list(p) for p in cfg.phases],
+        "whole_sides": list(cfg.whole_sides),
     }
     if before is not None:  # the model this one replaces, on the same held-out photos
         old = AutoencoderKL.from_single_file(before).eval()
@@ -1399,6 +1456,28 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
     )
     write_model_card(out, metrics)
     return metrics
+
+
+def heldout_summary(res: Dict[str, dict]) -> dict:
+    """The card's headline figures of an evaluate() result."""
+    return {"mean_psnr": float(np.mean([r["psnr"] for r in res.values()])),
+            "mean_ssim": float(np.mean([r["ssim"] for r in res.values()])),
+            "min_psnr": float(min(r["psnr"] for r in res.values())),
+            "max_colour_shift": float(max(abs(c) for r in res.values() for c in r["colour_shift"]))}
+
+
+def remeasure(out: Path) -> dict:
+    """Measure the model already in OUT/vae/ again (after the evaluation changed) and rewrite
+    OUT/metrics.json and OUT/MODEL_CARD.md from it; the weights, the log and the plots stay."""
+    m = json.loads((out / "metrics.json").read_text())
+    shipped = load_exported(out / "vae" / f"{NAME}.safetensors").eval()
+    debian = bool(m.get("debian_packages"))
+    m["heldout"] = evaluate(shipped, heldout_images(m.get("eval_max_side", 0), debian))
+    m["heldout_sides"] = {str(side): evaluate(shipped, imgs) for side, imgs in heldout_at_sides(debian).items()}
+    m.update(heldout_summary(m["heldout"]))
+    (out / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
+    write_model_card(out, m)
+    return m
 
 
 def parse_crops(text: str) -> tuple:
@@ -1457,6 +1536,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="weight of an L1 term on each crop's mean colour (0: off, as the shipped model)")
     ap.add_argument("--colour-weight", type=float, default=TrainConfig.colour_weight,
                     help="weight of the L1 term on 8x8 block means (RGB and YIQ chroma: the local colour)")
+    ap.add_argument("--whole-sides", default="",
+                    help="also train on each image whole, shrunk to these longer sides, e.g. 256,360 (batches of "
+                         "one; the held-out photos are measured at 256 and 512 px)")
     ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="AdamW peak learning rate")
     ap.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay,
                     help="per-step decay of the moving average that is shipped (0.995: ~200 steps of memory; "
@@ -1468,6 +1550,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="the model this one replaces (e.g. `git show 2d26bec:models/vae/"
                          "autoencoderkl-demo-f8.safetensors > first.safetensors`): scored on the card and "
                          "drawn in OUT/before_after.jpg")
+    ap.add_argument("--remeasure", action="store_true",
+                    help="skip training: measure the model in OUT/vae/ on the held-out photos again and rewrite "
+                         "OUT/metrics.json and the card (after the evaluation changed; the weights stay)")
     ap.add_argument("--export-from", type=Path, default=None,
                     help="skip training: re-export a checkpoint written by an earlier run (e.g. after the "
                          "loaders changed); card/plot use OUT/train_log.csv")
@@ -1478,7 +1563,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                       init=str(args.init or ""), init_git=args.init_git, lr=args.lr, full_hue=args.full_hue, jitter_share=args.jitter_share,
                       average_from=args.average_from,
                       layers_per_block=args.layers_per_block, latent_channels=args.latent_channels, norm_groups=args.groups, new_lr_scale=args.new_lr_scale, global_colour_weight=args.global_colour_weight,
-                      colour_weight=args.colour_weight, ema_decay=args.ema_decay)
+                      colour_weight=args.colour_weight, ema_decay=args.ema_decay,
+                      whole_sides=tuple(int(v) for v in args.whole_sides.split(",") if v))
     if args.crops:
         cfg = dataclasses.replace(cfg, phases=parse_crops(args.crops))
     if args.smoke:
@@ -1491,7 +1577,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
 
-    if args.export_from is not None:
+    if args.remeasure:
+        metrics = remeasure(out)
+    elif args.export_from is not None:
         vae = load_checkpoint(args.export_from)
         meta = {}
         from safetensors import safe_open

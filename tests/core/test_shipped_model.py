@@ -180,6 +180,59 @@ def test_heldout_reconstruction_matches_card(name):
     assert np.abs(shift - np.array(card["colour_shift"])).max() <= SHIFT_MARGIN
 
 
+def _sided_cases():
+    sides = json.loads((MODELS / "metrics.json").read_text()).get("heldout_sides") or {}
+    return sorted((int(side), name) for side, res in sides.items() for name in res)
+
+
+def test_card_measures_each_heldout_photo_at_the_issues_sizes():
+    """Issue 17's targets hold at 256-512 px: the card carries every held-out photo at both sides,
+    and its verdict counts them (a photo at 25 dB as evaluated but below it at 256 px fails)."""
+    tsv = _trainer()
+    card = card_metrics()
+    assert sorted(card["heldout_sides"]) == ["256", "512"]
+    for res in card["heldout_sides"].values():
+        assert sorted(res) == sorted(card["heldout"])
+    ok = {"psnr": 26.0, "colour_shift": [0.5, -0.5, 0.0]}
+    assert tsv.meets_targets({"heldout": {"a": ok}, "heldout_sides": {"256": {"a": ok}}})
+    assert not tsv.meets_targets({"heldout": {"a": ok}, "heldout_sides": {"256": {"a": dict(ok, psnr=24.9)}}})
+    assert not tsv.meets_targets({"heldout": {"a": ok}, "heldout_sides": {"512": {"a": dict(ok, colour_shift=[2.1, 0, 0])}}})
+    assert tsv.meets_targets(card) == ("**met**" in (MODELS / "MODEL_CARD.md").read_text())
+
+
+@pytest.mark.parametrize("side,name", _sided_cases())
+def test_heldout_reconstruction_at_the_issues_sizes_matches_card(side, name):
+    images = _images()
+    if not images.available(name):
+        pytest.skip(f"{name} is a Debian photo not unpacked here; run scripts/train_small_vae.py --fetch-data")
+    card = card_metrics()["heldout_sides"][str(side)][name]
+    arr = images.center_crop_multiple(images.fit_longer_side(images.load_rgb(name), side), 8)
+    assert list(arr.shape[:2]) == card["shape"] and max(arr.shape[:2]) <= side
+    vae = load_shipped_vae()
+    with torch.no_grad():
+        rec = _to_uint8(vae.decode(vae.encode(_to_x(arr)).latent_dist.mode()).sample)
+    shift = (rec.astype(np.float64) - arr.astype(np.float64)).reshape(-1, 3).mean(axis=0)
+    assert _psnr(arr, rec) >= card["psnr"] - PSNR_MARGIN_DB
+    assert np.abs(shift - np.array(card["colour_shift"])).max() <= SHIFT_MARGIN
+
+
+def test_whole_sides_add_whole_shrunk_images_to_batches_of_one(monkeypatch):
+    """--whole-sides: each image is also drawn whole at those longer sides (multiples of 8), but only
+    into batches of one; without the option every draw is a square crop as before."""
+    tsv = _trainer()
+    photo = np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    monkeypatch.setattr(tsv.images, "load_rgb", lambda name: photo)
+    sampler = tsv.CropSampler(["photo"], np.random.default_rng(1), 128, whole_sides=(200, 1000))
+    assert [tuple(w.shape) for w in sampler.whole[0]] == [(3, 120, 200)]  # 1000 > 500: not kept
+    shapes = {tuple(sampler.batch(128, 1).shape[2:]) for _ in range(60)}
+    assert shapes == {(128, 128), (120, 128)}  # a 128 crop of the whole 120x200 image keeps its height
+    assert {tuple(sampler.batch(128, 2).shape[2:]) for _ in range(20)} == {(128, 128)}
+    plain = tsv.CropSampler(["photo"], np.random.default_rng(1), 128)
+    assert {tuple(plain.batch(128, 1).shape[2:]) for _ in range(30)} == {(128, 128)}
+    assert "whole, shrunk to 256 and 360 px" in tsv.whole_text({"whole_sides": [256, 360]})
+    assert tsv.whole_text({}) == ""
+
+
 # -- tiling on a real photo -----------------------------------------------------------------
 
 
@@ -301,6 +354,16 @@ def test_train_script_smoke(tmp_path):
     with torch.no_grad():
         out = vae.decode(torch.zeros(1, vae.config.latent_channels, 4, 4)).sample
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    # the card measures the held-out photos at issue 17's sizes, and --remeasure (the evaluation
+    # rerun on the file in OUT/vae/) gives the same numbers and the same card when nothing changed
+    assert sorted(metrics["heldout_sides"]) == ["256", "512"]
+    assert "At issue 17's sizes" in card
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "train_small_vae.py"), "--remeasure", "--out", str(tmp_path),
+                           "--threads", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    again = json.loads((tmp_path / "metrics.json").read_text())
+    assert again["heldout"] == metrics["heldout"] and again["heldout_sides"] == metrics["heldout_sides"]
+    assert (tmp_path / "MODEL_CARD.md").read_text() == card
 
 
 def test_deepen_adds_identity_resnets_and_refuses_other_models():
