@@ -12,10 +12,10 @@ if [ -x "$ROOT/scripts/setup_browser.sh" ]; then
     "$ROOT/scripts/setup_browser.sh"
 fi
 cd "$ROOT"
-# the demo model card's held-out Debian photos (apt-get download, pinned; without a mirror their two
+# the demo model card's held-out Debian photos (apt-get download, pinned; without a mirror their
 # checks in tests/core/test_shipped_model.py skip, saying so)
 "$ROOT/.venv/bin/python" "$ROOT/scripts/images.py" --fetch-debian --heldout \
-    || echo "[test] could not fetch the Debian photos: the two held-out checks on them will skip"
+    || echo "[test] could not fetch the Debian photos: the held-out checks on them will skip"
 # diffusers' own AutoencoderKL test file against our class (skips with a line when it cannot be fetched)
 "$ROOT/scripts/test_peer.sh"
 
