@@ -204,10 +204,8 @@ def load_rgb(name: str) -> np.ndarray:
         arr = arr[:, :, :3]
     if arr.dtype != np.uint8:
         raise ValueError(f"skimage.data.{name}() returned {arr.dtype}, expected uint8")
-    if info.max_side and max(arr.shape[:2]) > info.max_side:
-        h, w = arr.shape[:2]
-        s = info.max_side / max(h, w)
-        arr = np.asarray(Image.fromarray(arr).resize((round(w * s), round(h * s)), Image.LANCZOS))
+    if info.max_side:
+        arr = fit_longer_side(arr, info.max_side)
     return np.ascontiguousarray(arr)
 
 

@@ -1411,8 +1411,7 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
     weights = export_weights(vae, out)
     shipped = load_exported(weights).eval()  # evaluate what ships, not what is in memory
     heldout = heldout_images(cfg.eval_max_side, cfg.debian)
-    res = evaluate(shipped, heldout)
-    res_sides = {str(side): evaluate(shipped, imgs) for side, imgs in heldout_at_sides(cfg.debian).items()}
+    measured = measure_heldout(shipped, heldout, cfg.debian)
     params = sum(p.numel() for p in shipped.parameters())
     last = rows[-1] if rows else {k: float("nan") for k in EMA_KEYS}
     metrics = {
@@ -1433,9 +1432,7 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
         "skimage": skimage.__version__,
         "log_every": cfg.log_every,
         "final": {k: float(last[k]) for k in EMA_KEYS},
-        "heldout": res,
-        "heldout_sides": res_sides,
-        **heldout_summary(res),
+        **measured,
         "family": FAMILY,
         "bf16_autocast": cfg.bf16,
         "lr": cfg.lr,
@@ -1481,9 +1478,13 @@ def finish(vae: AutoencoderKL, out: Path, work: Path, cfg: TrainConfig, steps: i
     return metrics
 
 
-def heldout_summary(res: Dict[str, dict]) -> dict:
-    """The card's headline figures of an evaluate() result."""
-    return {"mean_psnr": float(np.mean([r["psnr"] for r in res.values()])),
+def measure_heldout(vae: AutoencoderKL, heldout: Dict[str, np.ndarray], debian: bool) -> dict:
+    """The card's held-out figures of `vae`: each photo as given and at issue 17's sizes, and the
+    headline numbers of the former."""
+    res = evaluate(vae, heldout)
+    return {"heldout": res,
+            "heldout_sides": {str(side): evaluate(vae, imgs) for side, imgs in heldout_at_sides(debian).items()},
+            "mean_psnr": float(np.mean([r["psnr"] for r in res.values()])),
             "mean_ssim": float(np.mean([r["ssim"] for r in res.values()])),
             "min_psnr": float(min(r["psnr"] for r in res.values())),
             "max_colour_shift": float(max(abs(c) for r in res.values() for c in r["colour_shift"]))}
@@ -1495,9 +1496,7 @@ def remeasure(out: Path) -> dict:
     m = json.loads((out / "metrics.json").read_text())
     shipped = load_exported(out / "vae" / f"{NAME}.safetensors").eval()
     debian = bool(m.get("debian_packages"))
-    m["heldout"] = evaluate(shipped, heldout_images(m.get("eval_max_side", 0), debian))
-    m["heldout_sides"] = {str(side): evaluate(shipped, imgs) for side, imgs in heldout_at_sides(debian).items()}
-    m.update(heldout_summary(m["heldout"]))
+    m.update(measure_heldout(shipped, heldout_images(m.get("eval_max_side", 0), debian), debian))
     (out / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
     write_model_card(out, m)
     return m

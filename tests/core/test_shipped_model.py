@@ -97,6 +97,14 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
+def _round_trip(arr: np.ndarray):
+    """The shipped VAE's reconstruction of a uint8 photo (posterior mean) and its mean RGB shift."""
+    vae = load_shipped_vae()
+    with torch.no_grad():
+        rec = _to_uint8(vae.decode(vae.encode(_to_x(arr)).latent_dist.mode()).sample)
+    return rec, (rec.astype(np.float64) - arr.astype(np.float64)).reshape(-1, 3).mean(axis=0)
+
+
 def _heldout(name: str) -> np.ndarray:
     images = _images()
     return images.center_crop_multiple(images.load_rgb(name), 8)
@@ -166,13 +174,9 @@ def test_heldout_reconstruction_matches_card(name):
     card = card_metrics()["heldout"][name]
     arr = _heldout(name)
     assert list(arr.shape[:2]) == card["shape"]
-    vae = load_shipped_vae()
-    with torch.no_grad():
-        z = vae.encode(_to_x(arr)).latent_dist.mode()
-        rec = _to_uint8(vae.decode(z).sample)
+    rec, shift = _round_trip(arr)
     p = _psnr(arr, rec)
     s = structural_similarity(arr, rec, channel_axis=2, data_range=255)
-    shift = (rec.astype(np.float64) - arr.astype(np.float64)).reshape(-1, 3).mean(axis=0)
     print(f"{name}: PSNR {p:.3f} dB (card {card['psnr']:.3f}), SSIM {s:.4f} (card {card['ssim']:.4f}), "
           f"RGB shift {shift.round(2).tolist()} (card {np.round(card['colour_shift'], 2).tolist()})")
     assert p >= card["psnr"] - PSNR_MARGIN_DB
@@ -181,7 +185,7 @@ def test_heldout_reconstruction_matches_card(name):
 
 
 def _sided_cases():
-    sides = json.loads((MODELS / "metrics.json").read_text()).get("heldout_sides") or {}
+    sides = card_metrics().get("heldout_sides") or {}
     return sorted((int(side), name) for side, res in sides.items() for name in res)
 
 
@@ -208,10 +212,7 @@ def test_heldout_reconstruction_at_the_issues_sizes_matches_card(side, name):
     card = card_metrics()["heldout_sides"][str(side)][name]
     arr = images.center_crop_multiple(images.fit_longer_side(images.load_rgb(name), side), 8)
     assert list(arr.shape[:2]) == card["shape"] and max(arr.shape[:2]) <= side
-    vae = load_shipped_vae()
-    with torch.no_grad():
-        rec = _to_uint8(vae.decode(vae.encode(_to_x(arr)).latent_dist.mode()).sample)
-    shift = (rec.astype(np.float64) - arr.astype(np.float64)).reshape(-1, 3).mean(axis=0)
+    rec, shift = _round_trip(arr)
     assert _psnr(arr, rec) >= card["psnr"] - PSNR_MARGIN_DB
     assert np.abs(shift - np.array(card["colour_shift"])).max() <= SHIFT_MARGIN
 
