@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from . import memory
 from .attention import Attention, AttnProcessorBase, attention_progress, bounded_processor, progress_steps
 from .layers import ResnetBlock2D, conv_onednn, onednn_ok, subpixel_phases, subpixel_weights
+from .winograd import winograd_conv, winograd_ok
 from .norm import GroupStats, apply_group_norm
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,10 @@ class ConvNode(Node):
         # border, and the one garbage pixel at inner edges falls outside r and is cropped away
         t, have = ins[0]
         w = self.conv.weight
-        return _crop(F.conv2d(t.to(w.dtype), w, self.conv.bias, padding=self.halo), have, r)
+        t = t.to(w.dtype)
+        if winograd_ok(self.conv, t):  # the untiled model's path for wide fp32 convs, on the tile
+            return _crop(winograd_conv(self.conv, t), have, r)
+        return _crop(F.conv2d(t, w, self.conv.bias, padding=self.halo), have, r)
 
 
 class DownNode(Node):

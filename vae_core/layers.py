@@ -13,6 +13,7 @@ from torch import nn
 
 from .attention import Attention
 from .norm import GroupNorm, writable_here
+from .winograd import winograd_conv, winograd_ok
 
 # GroupNorm epsilon used by every SD-family VAE (diffusers' resnet_eps, LDM's Normalize).
 NORM_EPS = 1e-6
@@ -147,6 +148,12 @@ def conv_add_(conv: nn.Conv2d, h: torch.Tensor, out: torch.Tensor) -> torch.Tens
         "add", 1.0, None, [], None)
 
 
+def conv3x3(conv: nn.Conv2d, h: torch.Tensor, private: bool) -> torch.Tensor:
+    """conv(h), through Winograd's F(2x2, 3x3) where it applies (`winograd.winograd_ok`: fp32 CPU
+    inference, >= 256 channels in and out) and no hook can see that the module was not called."""
+    return winograd_conv(conv, h) if private and winograd_ok(conv, h) else conv(h)
+
+
 def group_norm(channels: int, groups: int) -> GroupNorm:
     return GroupNorm(num_groups=groups, num_channels=channels, eps=NORM_EPS, affine=True)
 
@@ -183,19 +190,21 @@ class ResnetBlock2D(nn.Module):
             # the skip first: then x itself is dead and norm1 can normalise it in place, so the
             # widest tensor of the block (its input) is never held twice
             skip = self._shortcut(x, private)
-            h = self.conv1(self.act(norm_(self.norm1, x)))
+            h = conv3x3(self.conv1, self.act(norm_(self.norm1, x)), private)
             del x
             x = skip
         else:
-            h = self.conv1(self.act(self.norm1(x)))
+            h = conv3x3(self.conv1, self.act(self.norm1(x)), private)
             if self.conv_shortcut is not None:
                 x = self._shortcut(x, private)
                 owned = True  # a tensor of our own
         # conv1's output is dead after norm2: at inference it is normalised in place (no new buffer)
         h = self.act(norm_(self.norm2, h) if private else self.norm2(h))
         if private and owned and fused_add_ok(self.conv2, h, x):
+            if winograd_ok(self.conv2, h):
+                return winograd_conv(self.conv2, h, add_to=x)
             return conv_add_(self.conv2, h, x)
-        h = self.conv2(h)
+        h = conv3x3(self.conv2, h, private)
         if h.requires_grad and torch.is_grad_enabled():
             return x + h
         return h.add_(x)  # same sum as x + h (addition commutes exactly), one buffer fewer
