@@ -8,6 +8,7 @@ other tests may import to get this trained model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -333,7 +334,7 @@ def test_train_script_smoke(tmp_path):
     pytest.importorskip("skimage")
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / "train_small_vae.py"), "--smoke", "--out", str(tmp_path), "--threads", "1",
-         "--ema-decay", "0.999"],
+         "--ema-decay", "0.999", "--mse-weight", "4"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -350,6 +351,8 @@ def test_train_script_smoke(tmp_path):
     card = (tmp_path / "MODEL_CARD.md").read_text()
     assert metrics["ema_decay"] == 0.999
     assert "(decay 0.999 per step)" in card and " --ema-decay 0.999 " in card
+    assert metrics["mse_weight"] == 4.0
+    assert "L1 + 4 * mean squared error + 0.5 * L1" in card and " --mse-weight 4" in card
     assert vae.info["family"] == "demo" and "not SD-compatible" in vae.info["description"]
     assert vae.dtype == torch.float32 and metrics["storage"].startswith("fp16")
     with torch.no_grad():
@@ -519,6 +522,27 @@ def test_global_colour_term_costs_a_uniform_cast_and_is_off_by_default():
     # YIQ chroma of a pure green deficit: I = -0.274 * -0.1, Q = -0.523 * -0.1
     torch.testing.assert_close(diff[:, 3:], torch.tensor([[0.0274, 0.0523]] * 2), rtol=0, atol=1e-6)
     assert (tsv.image_colour(x) - tsv.image_colour(x.clone())).abs().max() == 0
+
+
+def test_mse_weight_adds_exactly_that_multiple_of_the_squared_error_and_is_off_by_default():
+    """--mse-weight w adds w * mean((y - x)^2) to the loss of the same reconstruction (the same
+    posterior sample), nothing else; the default adds nothing (the smoke test checks the card says so)."""
+    tsv = _trainer()
+    assert tsv.TrainConfig().mse_weight == 0.0
+    _, vae, _ = _small_pair()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    base = tsv.TrainConfig(bf16=False)
+
+    def loss_of(cfg):
+        with torch.no_grad():
+            return tsv.vae_loss(vae, x, cfg, torch.Generator().manual_seed(3))[0]
+
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(3))
+        sq = (vae.decode(z).sample - x).square().mean()
+    plain, weighted = loss_of(base), loss_of(dataclasses.replace(base, mse_weight=4.0))
+    assert sq > 0
+    torch.testing.assert_close(weighted - plain, 4.0 * sq, rtol=1e-5, atol=0)
 
 
 def test_card_training_span_counts_every_run_of_the_lineage():
