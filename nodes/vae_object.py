@@ -21,7 +21,7 @@ import comfy.model_patcher
 import comfy.sd
 
 from ..vae_core import AutoencoderKL
-from ..vae_core import convert, loading
+from ..vae_core import convert, cpu_half, loading
 from ..vae_core.latent_formats import describe_channels
 
 logger = logging.getLogger(__name__)
@@ -155,6 +155,10 @@ class AutoencoderKLVAE(comfy.sd.VAE):
         self.device = device if device is not None else mm.vae_device()
         offload_device = mm.vae_offload_device()
         self.vae_dtype = dtype if dtype is not None else mm.vae_dtype(self.device, self.working_dtypes)
+        if torch.device(self.device).type == "cpu" and not cpu_half.NATIVE.get(self.vae_dtype, True):
+            logger.info("%s on this CPU: it has no native %s convolutions, so they run as fp32 products of the "
+                        "%s values (fp32's speed, half its memory between layers)", DTYPE_NAMES[self.vae_dtype],
+                        DTYPE_NAMES[self.vae_dtype], DTYPE_NAMES[self.vae_dtype])
         with outside_inference_mode():
             core = core.eval().to(self.vae_dtype)
         self.core = core

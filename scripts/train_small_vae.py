@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import images  # noqa: E402  (scripts/images.py)
-from vae_core import AutoencoderKL  # noqa: E402
+from vae_core import AutoencoderKL, cpu_half  # noqa: E402
 from vae_core.attention import Attention  # noqa: E402
 
 NAME = "autoencoderkl-demo-f8"
@@ -89,7 +89,7 @@ class TrainConfig:
     # end) instead of the last EMA: a window of thousands of steps, which the per-step EMA cannot be
     # without lagging far behind the learning rate schedule
     average_from: float = 0.0
-    bf16: bool = True  # bf16 autocast for the forward pass (AMX/AVX512-BF16 CPUs); weights stay fp32
+    bf16: bool = True  # bf16 autocast for the forward pass (AMX/AVX512-BF16 CPUs; main() turns it off elsewhere); weights stay fp32
     # beta of the KL term relative to the per-image *summed* L1, as LDM's kl-f8 (kl_weight=1e-6)
     kl_weight: float = 1e-6
     log_every: int = 25
@@ -1539,7 +1539,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="first download and unpack the Debian photo packages into $AKL_TRAIN_DATA "
                          "(default outputs/train_data) with apt-get download / dpkg-deb -x")
     ap.add_argument("--no-debian", action="store_true", help="train and test on the skimage.data images only")
-    ap.add_argument("--fp32", action="store_true", help="train in fp32 (no bf16 autocast)")
+    ap.add_argument("--fp32", action="store_true",
+                    help="train in fp32 (no bf16 autocast; the default on CPUs without native bf16, where "
+                         "autocast sends convolutions to torch's emulated path, ~100x slower)")
     ap.add_argument("--init", type=Path, default=None,
                     help="fine-tune from this single-file model of the same architecture (the shipped model "
                          "starts from the third demo model, git 188b03b, a fine-tune of the second and so of the first)")
@@ -1591,12 +1593,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
 
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, seed=args.seed, threads=args.threads,
-                      debian=not (args.no_debian or args.smoke), bf16=not args.fp32,
+                      debian=not (args.no_debian or args.smoke), bf16=not args.fp32 and cpu_half.NATIVE[torch.bfloat16],
                       init=str(args.init or ""), init_git=args.init_git, lr=args.lr, full_hue=args.full_hue, jitter_share=args.jitter_share,
                       average_from=args.average_from,
                       layers_per_block=args.layers_per_block, latent_channels=args.latent_channels, norm_groups=args.groups, new_lr_scale=args.new_lr_scale, global_colour_weight=args.global_colour_weight,
                       colour_weight=args.colour_weight, ema_decay=args.ema_decay, mse_weight=args.mse_weight,
                       whole_sides=tuple(int(v) for v in args.whole_sides.split(",") if v))
+    if not args.fp32 and not cpu_half.NATIVE[torch.bfloat16]:
+        print("this CPU has no native bf16 (oneDNN): training in fp32, as with --fp32")
     if args.crops:
         cfg = dataclasses.replace(cfg, phases=parse_crops(args.crops))
     if args.smoke:

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import memory
 from .norm import GroupNorm
+from .cpu_half import Linear
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +44,10 @@ class Attention(nn.Module):
         self.heads = 1  # every KL-VAE uses a single head as wide as the mid block
         self.scale = channels ** -0.5  # diffusers spells it so (1/sqrt(C) differs in the last bit)
         self.group_norm = GroupNorm(groups, channels, eps=NORM_EPS, affine=True)
-        self.to_q = nn.Linear(channels, channels, bias=True)
-        self.to_k = nn.Linear(channels, channels, bias=True)
-        self.to_v = nn.Linear(channels, channels, bias=True)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels, bias=True), nn.Dropout(0.0)])
+        self.to_q = Linear(channels, channels, bias=True)
+        self.to_k = Linear(channels, channels, bias=True)
+        self.to_v = Linear(channels, channels, bias=True)
+        self.to_out = nn.ModuleList([Linear(channels, channels, bias=True), nn.Dropout(0.0)])
         self.processor: AttnProcessorBase = default_processor()
         self.progress: Optional[ProgressHook] = None  # see attention_progress
 
@@ -116,7 +117,7 @@ class Attention(nn.Module):
             return
         w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3C, C)
         b = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
-        self.to_qkv = nn.Linear(w.shape[1], w.shape[0], bias=True, device=w.device, dtype=w.dtype)
+        self.to_qkv = Linear(w.shape[1], w.shape[0], bias=True, device=w.device, dtype=w.dtype)
         self.to_qkv.weight.copy_(w)
         self.to_qkv.bias.copy_(b)
         self.fused_projections = True

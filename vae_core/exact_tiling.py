@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import memory
+from . import cpu_half, memory
 from .attention import Attention, AttnProcessorBase, attention_progress, bounded_processor, progress_steps
 from .layers import ResnetBlock2D, conv_onednn, onednn_ok, subpixel_phases, subpixel_weights
 from .winograd import winograd_conv, winograd_ok
@@ -147,7 +147,7 @@ class ConvNode(Node):
         t = t.to(w.dtype)
         if winograd_ok(self.conv, t):  # the untiled model's path for wide fp32 convs, on the tile
             return _crop(winograd_conv(self.conv, t), have, r)
-        return _crop(F.conv2d(t, w, self.conv.bias, padding=self.halo), have, r)
+        return _crop(cpu_half.conv2d(t, w, self.conv.bias, padding=self.halo), have, r)
 
 
 class DownNode(Node):
@@ -165,7 +165,7 @@ class DownNode(Node):
 
     def compute(self, ins, r):
         w = self.conv.weight
-        return F.conv2d(ins[0].to(w.dtype), w, self.conv.bias, stride=2)
+        return cpu_half.conv2d(ins[0].to(w.dtype), w, self.conv.bias, stride=2)
 
 
 class UpNode(Node):
@@ -234,7 +234,7 @@ class AddNode(Node):
             x = x.to(sc.weight.dtype)
             dense = x.contiguous(memory_format=torch.channels_last) if _format_of(x) == torch.channels_last else x
             # torch sends channels_last 1x1 convs down its slow path; oneDNN directly where it can
-            x = conv_onednn(sc, dense) if onednn_ok(sc, dense) else F.conv2d(x, sc.weight, sc.bias)
+            x = conv_onednn(sc, dense) if onednn_ok(sc, dense) else cpu_half.conv2d(x, sc.weight, sc.bias)
         return h.add_(x)
 
 

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_half
 from .attention import Attention
+from .cpu_half import Conv2d
 from .norm import GroupNorm, writable_here
 from .winograd import winograd_conv, winograd_ok
 
@@ -109,6 +111,8 @@ def onednn_ok(conv: nn.Conv2d, h: torch.Tensor) -> bool:
         return False
     if h.dtype not in _FUSED_DTYPES or h.dtype != conv.weight.dtype or conv.padding_mode != "zeros":
         return False
+    if cpu_half.emulated(h):  # oneDNN's primitives refuse bf16 on CPUs without it
+        return False
     if isinstance(conv.padding, str) or h.dim() != 4 or h.shape[1] <= 1:
         return False
     return h.is_contiguous(memory_format=torch.channels_last)
@@ -164,13 +168,13 @@ class ResnetBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int, act_fn: str = "silu"):
         super().__init__()
         self.norm1 = group_norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.norm2 = group_norm(out_channels, groups)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.act = get_activation(act_fn)
         # LDM calls this nin_shortcut; diffusers conv_shortcut.
         self.conv_shortcut = (
-            nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+            Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +219,7 @@ class Downsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
@@ -262,7 +266,7 @@ def subpixel_phases(xp: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     for a in range(2):
         for e in range(2):
             window = xp[:, :, top + a : top + a + n + 1, left + e : left + e + m + 1]
-            out[:, :, a::2, e::2] = F.conv2d(window, w[a, e], None if bs is None else bs[a, e])
+            out[:, :, a::2, e::2] = cpu_half.conv2d(window, w[a, e], None if bs is None else bs[a, e])
     return out
 
 
@@ -288,7 +292,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv = Conv2d(channels, channels, kernel_size=3, padding=1)
         self._folded: Optional[Tuple[tuple, torch.Tensor, Optional[torch.Tensor]]] = None
 
     def folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

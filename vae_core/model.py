@@ -18,6 +18,7 @@ from . import tiling
 from .attention import Attention, AttnProcessor, AttnProcessorBase, make_attn_processor
 from .config import AutoencoderKLConfig
 from .distribution import DiagonalGaussianDistribution, Generator
+from .cpu_half import Conv2d
 from .layers import (DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D, checkpointed, get_activation,
                      group_norm, no_hooks, norm_, run_owned)
 from .outputs import AutoencoderKLOutput, DecoderOutput
@@ -43,7 +44,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: AutoencoderKLConfig):
         super().__init__()
         ch = cfg.block_out_channels
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], kernel_size=3, padding=1)
         self.down_blocks = nn.ModuleList(
             DownEncoderBlock2D(
                 ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, cfg.norm_num_groups, cfg.act_fn,
@@ -54,7 +55,7 @@ class Encoder(nn.Module):
         self.mid_block = UNetMidBlock2D(ch[-1], cfg.norm_num_groups, cfg.act_fn, cfg.mid_block_add_attention)
         self.conv_norm_out = group_norm(ch[-1], cfg.norm_num_groups)
         self.conv_act = get_activation(cfg.act_fn)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, kernel_size=3, padding=1)
         self.gradient_checkpointing = False  # set by AutoencoderKL.enable_gradient_checkpointing
         self._gradient_checkpointing_func: Optional[Callable] = None
 
@@ -71,7 +72,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: AutoencoderKLConfig):
         super().__init__()
         ch = tuple(reversed(cfg.block_out_channels))
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], kernel_size=3, padding=1)
+        self.conv_in = Conv2d(cfg.latent_channels, ch[0], kernel_size=3, padding=1)
         # up_blocks registered before mid_block, as in diffusers, so parameters() come in its order
         self.up_blocks = nn.ModuleList(
             UpDecoderBlock2D(
@@ -83,7 +84,7 @@ class Decoder(nn.Module):
         self.mid_block = UNetMidBlock2D(ch[0], cfg.norm_num_groups, cfg.act_fn, cfg.mid_block_add_attention)
         self.conv_norm_out = group_norm(ch[-1], cfg.norm_num_groups)
         self.conv_act = get_activation(cfg.act_fn)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(ch[-1], cfg.out_channels, kernel_size=3, padding=1)
         self.gradient_checkpointing = False  # set by AutoencoderKL.enable_gradient_checkpointing
         self._gradient_checkpointing_func: Optional[Callable] = None
 
@@ -205,8 +206,8 @@ class AutoencoderKL(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
+        self.quant_conv = Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
+        self.post_quant_conv = Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
 
         self.use_slicing = False
         self.use_tiling = False

@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import cpu_half
+
 # Convs narrower than this (in or out) stay direct: at 128 channels the transforms' memory passes
 # cost what the 2.25x fewer multiply-adds save (benchmarks/bench_winograd.py, the README's table).
 MIN_CHANNELS = 256
@@ -53,7 +55,7 @@ def winograd_ok(conv: nn.Conv2d, h: torch.Tensor) -> bool:
     channels_last input of even height and width."""
     if not enabled or torch.compiler.is_compiling() or torch.is_grad_enabled():
         return False
-    if type(conv) is not nn.Conv2d:  # a subclass (LoRA, quantised) has its own forward
+    if type(conv) not in (nn.Conv2d, cpu_half.Conv2d):  # another subclass (LoRA, quantised) has its own forward
         return False
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False

@@ -39,6 +39,26 @@ def test_loader_dtype_choices(nc, tiny_file):
     assert auto.vae_dtype == torch.float32  # the host's choice on the CPU
 
 
+def test_bf16_on_a_cpu_without_native_bf16_says_so_and_decodes(nc, pack, tiny_file, image, monkeypatch, caplog):
+    """Such a CPU (AMD Zen 2/3, older Intel) used to stop a bf16 decode inside oneDNN; now it runs
+    at fp32's speed and the load says what bf16 buys there."""
+    import logging
+
+    monkeypatch.setitem(pack.vae_core.cpu_half.NATIVE, torch.bfloat16, False)
+    with caplog.at_level(logging.INFO):
+        vae = nc.AutoencoderKLLoader().load("akl_tiny.safetensors", dtype="bf16")["result"][0]
+    assert "no native bf16 convolutions" in caplog.text
+    latent = nc.AutoencoderKLEncode().encode(image, vae)["result"][0]
+    pixels = nc.AutoencoderKLDecode().decode(latent, vae)["result"][0]
+    # the core's own bf16 decode of the same latent (its accuracy: tests/core/test_cpu_half.py)
+    with torch.no_grad():
+        raw = vae.core.decode(latent["samples"].to(torch.bfloat16)).sample.float()
+    ref = ((raw + 1) / 2).clamp(0, 1).movedim(1, -1)
+    assert pixels.shape == ref.shape == (*image.shape[:3], 3) and torch.isfinite(pixels).all()
+    # the node adds only the host's [-1, 1] -> [0, 1] step, which may round once more in bf16
+    assert (pixels.float() - ref).abs().max().item() <= 2**-8
+
+
 def test_loader_loads_diffusers_folders(nc, tiny_diffusers_dir):
     vae = nc.AutoencoderKLLoader().load("akl_tiny_diffusers/")["result"][0]
     assert vae.latent_channels == 4 and vae.card()["layout"] == "diffusers"
