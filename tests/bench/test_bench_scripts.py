@@ -109,3 +109,20 @@ def test_bench_winograd_times_every_path_and_each_stays_at_fp32_accuracy():
         assert min(direct_s, f2_s, f2_ratio, nnpack_s, nn_ratio) > 0, row
         assert direct_err < 1e-5 and f2_err < 1e-5, row
         assert nnpack_err < 1e-3, row
+
+def test_bench_cpu_half_times_each_dtype_and_stays_at_its_precision():
+    """bench_cpu_half.py: a row per dtype, each timed, each half-precision decode within that
+    dtype's error of the fp32 one (a conv left unrounded or rounded in the wrong dtype would be off
+    by the output's own scale or sit at fp32's error)."""
+    out = _run("benchmarks/bench_cpu_half.py", "--channels", "32", "32", "32", "32", "--latent", "8",
+               "--no-diffusers")
+    assert re.search(r"native convolutions: bf16 (True|False), fp16 (True|False);", out), out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ours |")]
+    assert [r[1].strip() for r in rows] == ["bf16", "fp16"], out
+    # fp16 steps are 2^-11 relative, bf16's 2^-8: a few layers of rounding put the output's error
+    # between these (on outputs of order 1)
+    bounds = {"bf16": (1e-4, 0.2), "fp16": (1e-6, 0.02)}
+    for _, dtype, t32, t16, ratio, err in rows:
+        assert min(float(t32), float(t16), float(ratio)) > 0
+        low, high = bounds[dtype.strip()]
+        assert low < float(err) < high, (dtype, err)
