@@ -16,6 +16,10 @@ own allocator events (torch.profiler with profile_memory: every tensor allocatio
 in order), in a second process per case, so the profiler does not touch the times. Resident-set
 peaks (VmHWM) are not used: a cold call may reuse heap that building the weights left free, or not,
 and on 2026-12-01 they differed by up to 2.5x between implementations for the same live bytes.
+
+On a CPU without native bf16 (or fp16) the conv peak of that dtype is the core's path for it (fp32
+products, `vae_core/cpu_half.py`), and diffusers' and the host's rows in that dtype are not run but
+named: torch's own fallback takes ~100x fp32's time there (`bench_cpu_half.py` times it).
 """
 from __future__ import annotations
 
@@ -45,8 +49,9 @@ def _conv_shapes(size: int):
 
 _PEAK_CHILD = textwrap.dedent(
     r"""
-    import json, time, torch
-    import torch.nn.functional as F
+    import json, sys, time, torch
+    sys.path.insert(0, {root!r})
+    from vae_core import cpu_half  # F.conv2d, or on CPUs without native bf16/fp16 the fp32 path the core runs
     dev, dt, shapes, repeats = {device!r}, getattr(torch, {dtype!r}), {shapes!r}, {repeats}
     torch.set_num_threads({threads})
     best = 0.0
@@ -57,11 +62,11 @@ _PEAK_CHILD = textwrap.dedent(
         b = torch.zeros(c, device=dev, dtype=dt)
         flops = 2 * c * c * 9 * s * s
         with torch.inference_mode():
-            F.conv2d(x, w, b, padding=1)
+            cpu_half.conv2d(x, w, b, padding=1)
             times = []
             for _ in range(repeats):
                 if dev == "cuda": torch.cuda.synchronize()
-                t = time.perf_counter(); F.conv2d(x, w, b, padding=1)
+                t = time.perf_counter(); cpu_half.conv2d(x, w, b, padding=1)
                 if dev == "cuda": torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
         g = flops / min(times) / 1e9
@@ -213,10 +218,28 @@ def _child(args: List[str], timeout: Optional[float] = None, env: Optional[Dict[
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# The implementations whose half-precision convs are torch's own (diffusers, the host's VAE): on a CPU
+# without native bf16/fp16 they take torch's emulated fallback, ~100x fp32's time.
+TORCH_FALLBACK_IMPLS = ("diffusers", "host")
+
+
+def slow_half_dtypes(device: str, dtypes: Sequence[str]) -> List[str]:
+    """The half dtypes among `dtypes` that this CPU has no native convolutions for (none on CUDA)."""
+    if device != "cpu":
+        return []
+    sys.path.insert(0, ROOT)
+    import torch
+
+    from vae_core import cpu_half
+
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    return [d for d in dtypes if d in names and not cpu_half.NATIVE[names[d]]]
+
+
 def conv_peak(dtype: str, device: str, size: int, threads: int, repeats: int = 3) -> dict:
     """The best GFLOP/s of one 3x3 conv over the VAE's shapes at image size `size`."""
     torch_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
-    code = _PEAK_CHILD.format(device=device, dtype=torch_dtype, shapes=_conv_shapes(size), repeats=repeats,
+    code = _PEAK_CHILD.format(root=ROOT, device=device, dtype=torch_dtype, shapes=_conv_shapes(size), repeats=repeats,
                               threads=threads)
     return _child(["-c", code])
 
@@ -265,11 +288,14 @@ def run(sizes: List[int], dtypes: List[str], ops: List[str], impls: List[str], d
         print(f"conv peak {dtype}: {_fmt(peaks[dtype], '.0f')} GFLOP/s (one 3x3 conv, channels_last; "
               f"{detail or p.get('error')})")
     results = {}
+    slow = slow_half_dtypes(device, dtypes)
     with tempfile.TemporaryDirectory() as outdir:
         for impl in impls:
-            cases = [(op, size, dtype, False) for op in ops for size in sizes for dtype in dtypes]
+            cases = [(op, size, dtype, False) for op in ops for size in sizes for dtype in dtypes
+                     if not (impl in TORCH_FALLBACK_IMPLS and dtype in slow)]
             if impl in ("ours", "diffusers"):
-                cases += [(op, size, dtype, True) for op in ops for size in sizes for dtype in compile_dtypes]
+                cases += [(op, size, dtype, True) for op in ops for size in sizes for dtype in compile_dtypes
+                          if not (impl in TORCH_FALLBACK_IMPLS and dtype in slow)]
             for key, r in measure(impl, cases, device, repeats, threads, outdir).items():
                 results[(impl,) + key] = r
         # each case's error against the same implementation's eager fp32 output
@@ -294,6 +320,12 @@ def run(sizes: List[int], dtypes: List[str], ops: List[str], impls: List[str], d
                     ref_impl = ("ours", op, size, dtype, compiled)
                     for impl in impls:
                         r = results.get((impl, op, size, dtype, compiled))
+                        planned = not compiled or (dtype in compile_dtypes and impl in ("ours", "diffusers"))
+                        if r is None and planned and impl in TORCH_FALLBACK_IMPLS and dtype in slow:
+                            name = impl + (" compiled" if compiled else "")
+                            print(f"| {op} | {size} | {dtype} | {name} | not run: this CPU has no native {dtype}, "
+                                  f"where torch's fallback takes ~100x fp32's time (benchmarks/bench_cpu_half.py "
+                                  f"times it) |")
                         if r is None:
                             continue
                         name = impl + (" compiled" if compiled else "")

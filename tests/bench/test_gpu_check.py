@@ -26,11 +26,19 @@ def table():
 
 
 def test_every_speed_row_is_measured(table):
+    import torch
+
+    from vae_core import cpu_half
+
     for op in ("decode", "encode"):
         for dtype in ("fp32", "bf16"):
             for impl in ("ours", "diffusers", "host", "ours-node"):
                 row = re.search(rf"^\| {op} \| 64 \| {dtype} \| {impl} \|(.*)$", table, re.M)
                 assert row, f"no row for {op} {dtype} {impl}:\n{table}"
+                if dtype == "bf16" and impl in ("diffusers", "host") and not cpu_half.NATIVE[torch.bfloat16]:
+                    # torch's own bf16 convs take its ~100x fallback on this CPU: named, not timed
+                    assert row.group(1).startswith(" not run: this CPU has no native bf16"), row.group(0)
+                    continue
                 assert "failed" not in row.group(1), row.group(0)
                 cells = [c.strip() for c in row.group(1).split("|")]
                 assert float(cells[1]) > 0 and float(cells[2]) > 0  # first and best seconds

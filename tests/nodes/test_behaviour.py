@@ -39,14 +39,17 @@ def test_loader_dtype_choices(nc, tiny_file):
     assert auto.vae_dtype == torch.float32  # the host's choice on the CPU
 
 
-def test_bf16_on_a_cpu_without_native_bf16_says_so_and_decodes(nc, pack, tiny_file, image, monkeypatch, caplog):
+def test_bf16_on_a_cpu_without_native_bf16_says_so_and_decodes(nc, pack, vae_dir, image, monkeypatch, caplog):
     """Such a CPU (AMD Zen 2/3, older Intel) used to stop a bf16 decode inside oneDNN; now it runs
     at fp32's speed and the load says what bf16 buys there."""
     import logging
 
+    from tiny_vaes import make_tiny
+
+    make_tiny(pack, seed=3).save_single_file(vae_dir / "akl_tiny_bf16_cpu.safetensors")  # a file no cache holds
     monkeypatch.setitem(pack.vae_core.cpu_half.NATIVE, torch.bfloat16, False)
     with caplog.at_level(logging.INFO):
-        vae = nc.AutoencoderKLLoader().load("akl_tiny.safetensors", dtype="bf16")["result"][0]
+        vae = nc.AutoencoderKLLoader().load("akl_tiny_bf16_cpu.safetensors", dtype="bf16")["result"][0]
     assert "no native bf16 convolutions" in caplog.text
     latent = nc.AutoencoderKLEncode().encode(image, vae)["result"][0]
     pixels = nc.AutoencoderKLDecode().decode(latent, vae)["result"][0]
