@@ -289,13 +289,15 @@ def run(sizes: List[int], dtypes: List[str], ops: List[str], impls: List[str], d
               f"{detail or p.get('error')})")
     results = {}
     slow = slow_half_dtypes(device, dtypes)
+    not_run = set()  # (impl, op, size, dtype, compiled): torch's fallback on this CPU, named in the table
     with tempfile.TemporaryDirectory() as outdir:
         for impl in impls:
-            cases = [(op, size, dtype, False) for op in ops for size in sizes for dtype in dtypes
-                     if not (impl in TORCH_FALLBACK_IMPLS and dtype in slow)]
+            cases = [(op, size, dtype, False) for op in ops for size in sizes for dtype in dtypes]
             if impl in ("ours", "diffusers"):
-                cases += [(op, size, dtype, True) for op in ops for size in sizes for dtype in compile_dtypes
-                          if not (impl in TORCH_FALLBACK_IMPLS and dtype in slow)]
+                cases += [(op, size, dtype, True) for op in ops for size in sizes for dtype in compile_dtypes]
+            if impl in TORCH_FALLBACK_IMPLS:
+                not_run.update((impl,) + c for c in cases if c[2] in slow)
+                cases = [c for c in cases if c[2] not in slow]
             for key, r in measure(impl, cases, device, repeats, threads, outdir).items():
                 results[(impl,) + key] = r
         # each case's error against the same implementation's eager fp32 output
@@ -320,8 +322,7 @@ def run(sizes: List[int], dtypes: List[str], ops: List[str], impls: List[str], d
                     ref_impl = ("ours", op, size, dtype, compiled)
                     for impl in impls:
                         r = results.get((impl, op, size, dtype, compiled))
-                        planned = not compiled or (dtype in compile_dtypes and impl in ("ours", "diffusers"))
-                        if r is None and planned and impl in TORCH_FALLBACK_IMPLS and dtype in slow:
+                        if (impl, op, size, dtype, compiled) in not_run:
                             name = impl + (" compiled" if compiled else "")
                             print(f"| {op} | {size} | {dtype} | {name} | not run: this CPU has no native {dtype}, "
                                   f"where torch's fallback takes ~100x fp32's time (benchmarks/bench_cpu_half.py "

@@ -156,9 +156,9 @@ class AutoencoderKLVAE(comfy.sd.VAE):
         offload_device = mm.vae_offload_device()
         self.vae_dtype = dtype if dtype is not None else mm.vae_dtype(self.device, self.working_dtypes)
         if torch.device(self.device).type == "cpu" and not cpu_half.NATIVE.get(self.vae_dtype, True):
-            logger.info("%s on this CPU: it has no native %s convolutions, so they run as fp32 products of the "
-                        "%s values (fp32's speed, half its memory between layers)", DTYPE_NAMES[self.vae_dtype],
-                        DTYPE_NAMES[self.vae_dtype], DTYPE_NAMES[self.vae_dtype])
+            logger.info("%(d)s on this CPU: it has no native %(d)s convolutions, so they run as fp32 products of "
+                        "the %(d)s values (fp32's speed, half its memory between layers)",
+                        {"d": DTYPE_NAMES[self.vae_dtype]})
         with outside_inference_mode():
             core = core.eval().to(self.vae_dtype)
         self.core = core

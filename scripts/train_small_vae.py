@@ -1618,14 +1618,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "loaders changed); card/plot use OUT/train_log.csv")
     args = ap.parse_args(argv)
 
+    bf16 = not args.fp32 and cpu_half.NATIVE[torch.bfloat16]
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, seed=args.seed, threads=args.threads,
-                      debian=not (args.no_debian or args.smoke), bf16=not args.fp32 and cpu_half.NATIVE[torch.bfloat16],
+                      debian=not (args.no_debian or args.smoke), bf16=bf16,
                       init=str(args.init or ""), init_git=args.init_git, lr=args.lr, full_hue=args.full_hue, jitter_share=args.jitter_share,
                       average_from=args.average_from,
                       layers_per_block=args.layers_per_block, latent_channels=args.latent_channels, norm_groups=args.groups, new_lr_scale=args.new_lr_scale, global_colour_weight=args.global_colour_weight,
                       colour_weight=args.colour_weight, ema_decay=args.ema_decay, mse_weight=args.mse_weight,
                       whole_sides=tuple(int(v) for v in args.whole_sides.split(",") if v))
-    if not args.fp32 and not cpu_half.NATIVE[torch.bfloat16]:
+    if not args.fp32 and not bf16:
         print("this CPU has no native bf16 (oneDNN): training in fp32, as with --fp32")
     if args.crops:
         cfg = dataclasses.replace(cfg, phases=parse_crops(args.crops))

@@ -110,6 +110,7 @@ def test_bench_winograd_times_every_path_and_each_stays_at_fp32_accuracy():
         assert direct_err < 1e-5 and f2_err < 1e-5, row
         assert nnpack_err < 1e-3, row
 
+
 def test_bench_cpu_half_times_each_dtype_and_stays_at_its_precision():
     """bench_cpu_half.py: a row per dtype, each timed, each half-precision decode within that
     dtype's error of the fp32 one (a conv left unrounded or rounded in the wrong dtype would be off

@@ -96,10 +96,12 @@ def test_bf16_model_never_calls_onednn_fused_primitives_without_native_bf16(emul
 
     monkeypatch.setattr(layers, "conv_add_", refusing(layers.conv_add_))
     monkeypatch.setattr(layers, "conv_onednn", refusing(layers.conv_onednn))
-    model = _model().to(memory_format=torch.channels_last)
-    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    conv = cpu_half.Conv2d(64, 64, 3, padding=1).bfloat16().to(memory_format=torch.channels_last)
     h = torch.randn(1, 64, 8, 8).bfloat16().contiguous(memory_format=torch.channels_last)
-    assert not layers.onednn_ok(model.decoder.up_blocks[0].resnets[0].conv1.bfloat16(), h)
+    with torch.no_grad():  # (with autograd on onednn_ok is False anyway)
+        assert not layers.onednn_ok(conv, h)
+        assert layers.onednn_ok(conv.float(), h.float())  # fp32 keeps oneDNN's direct path
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
     model = _model()
     z = torch.randn(1, 4, 8, 8)
     out, report = planner.run_decode(model, z, dtype=torch.bfloat16, free_bytes=2**40)
