@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import memory
+from . import cpu_half, memory
 from .norm import GroupNorm
 from .cpu_half import Linear
 
@@ -98,12 +98,7 @@ class Attention(nn.Module):
     def get_attention_scores(self, query: torch.Tensor, key: torch.Tensor,
                              attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """softmax(scale * q k^T + mask) over keys, (B*heads, Nq, Nk), softmax in fp32 (upcast_softmax)."""
-        if attention_mask is None:
-            base, beta = query.new_empty(query.shape[0], query.shape[1], key.shape[1]), 0
-        else:
-            base, beta = attention_mask, 1
-        scores = torch.baddbmm(base, query, key.transpose(-1, -2), beta=beta, alpha=self.scale)
-        return scores.float().softmax(dim=-1).to(query.dtype)
+        return _softmax_scores(query, key, self.scale, attention_mask).to(query.dtype)
 
     fused_projections = False  # to_qkv present (fuse_projections), used instead of to_q/to_k/to_v
 
@@ -210,17 +205,36 @@ def attention_progress(attn: Attention, hook: Optional[ProgressHook]) -> Iterato
         attn.progress = old
 
 
+def _softmax_scores(q: torch.Tensor, k: torch.Tensor, scale: float,
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(scale * q k^T + mask) over keys, (B, Nq, Nk), in fp32 whatever the input dtype
+    (diffusers' upcast_softmax=True for VAEs); the scores themselves are rounded to q's dtype first,
+    as a half-precision matmul leaves them.
+
+    On a CPU without native half precision (`cpu_half`) torch's bf16/fp16 matmuls are emulated at
+    ~40x the fp32 time (4,096 positions, C=512, one thread, AMD EPYC without AVX512: bf16 36 s against
+    0.93 s); there the product runs in fp32 on the upcast values and is rounded once to q's dtype,
+    which is what the native kernel computes (exact products, fp32 sums, one rounding)."""
+    if cpu_half.emulated(q):
+        base = None if mask is None else mask.float()
+        scores = _baddbmm(q.float(), k.float(), scale, base).to(q.dtype)
+    else:
+        scores = _baddbmm(q, k, scale, mask)
+    return scores.float().softmax(dim=-1)
+
+
+def _baddbmm(q: torch.Tensor, k: torch.Tensor, scale: float, base: Optional[torch.Tensor]) -> torch.Tensor:
+    if base is None:
+        base, beta = q.new_empty(q.shape[0], q.shape[1], k.shape[1]), 0
+    else:
+        beta = 1
+    return torch.baddbmm(base, q, k.transpose(-1, -2), beta=beta, alpha=scale)  # (B, Nq, Nk)
+
+
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    # softmax in fp32 whatever the input dtype (diffusers' upcast_softmax=True for VAEs)
-    scores = torch.baddbmm(
-        torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype, device=q.device),
-        q,
-        k.transpose(-1, -2),
-        beta=0,
-        alpha=scale,
-    )  # (B, Nq, Nk)
-    probs = scores.float().softmax(dim=-1).to(q.dtype)
-    del scores
+    probs = _softmax_scores(q, k, scale).to(q.dtype)
+    if cpu_half.emulated(q):
+        return torch.bmm(probs.float(), v.float()).to(q.dtype)
     return torch.bmm(probs, v)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vae_core import AutoencoderKL, cpu_half, layers, planner
+from vae_core import AutoencoderKL, attention, cpu_half, layers, planner
 from vae_core.exact_tiling import exact_tiled_decode, exact_tiled_encode
 
 
@@ -155,3 +155,46 @@ def test_no_conv_or_linear_reaches_torchs_half_precision_fallback(emulated, monk
         tiled = exact_tiled_decode(half, z.to(dtype), tile_size=32)
     assert lat.dtype == dtype and tiled.dtype == dtype
     assert len(seen) > 20 and set(seen) == {torch.float32}
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_emulated_math_attention_computes_what_torchs_half_matmuls_compute(monkeypatch, dtype):
+    """The math and sliced processors' scores and weighted sum: on a CPU without native half precision
+    they run as fp32 products rounded to the half dtype, as torch's own half matmuls round them (which
+    are emulated there at ~40x fp32's time, so only a small case is compared)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 257, 64, generator=g).to(dtype) for _ in range(3))
+    scale = 64 ** -0.5
+    monkeypatch.setitem(cpu_half.NATIVE, dtype, True)
+    reference = attention._math_attention(q, k, v, scale)  # torch's half-precision baddbmm and bmm
+    monkeypatch.setitem(cpu_half.NATIVE, dtype, False)
+    out = attention._math_attention(q, k, v, scale)
+    assert out.dtype == dtype
+    # The same roundings of the same sums in another summation order, so nearly every output is the
+    # same value (measured 99.5-99.99%; where a sum's rounding flips, the flip propagates through the
+    # softmax). Without the scores' rounding to the half dtype only ~36% are, more accurate but not
+    # what diffusers' half-precision attention returns.
+    assert (out == reference).double().mean().item() >= 0.99
+    exact = torch.softmax(q.double() @ k.double().transpose(1, 2) * scale, dim=-1) @ v.double()
+    err_ours, err_torch = ((t.double() - exact).abs().max().item() for t in (out, reference))
+    assert err_ours <= 1.5 * err_torch  # no less accurate than the native kernels
+
+
+@pytest.mark.parametrize("processor", ["math", "sliced"])
+def test_math_attention_reaches_torchs_matmuls_in_fp32_without_native_half(emulated, monkeypatch, processor):
+    seen = []
+
+    def spy(fn):
+        def call(*args, **kwargs):
+            seen.extend(a.dtype for a in args if isinstance(a, torch.Tensor))
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(torch, "bmm", spy(torch.bmm))
+    monkeypatch.setattr(torch, "baddbmm", spy(torch.baddbmm))
+    model = _model().to(torch.bfloat16)
+    model.set_attn_processor(attention.make_attn_processor(processor, slice_size=16))
+    with torch.no_grad():
+        out = model.decode(torch.randn(1, 4, 8, 8).bfloat16()).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert seen and set(seen) == {torch.float32}
