@@ -39,7 +39,7 @@ FAMILIES = {
                                     latents_std=(8.4927, 5.9022, 6.5498, 5.2299)),
     # the shipped demo VAE (models/MODEL_CARD.md): its own latent space, not SD-compatible;
     # 1/std of its posterior samples over its training images, no shift
-    "demo": LatentFormat("demo", "demo (not SD-compatible)", 16, 0.31332, None, 256),
+    "demo": LatentFormat("demo", "demo (not SD-compatible)", 16, 0.31531, None, 256),
 }
 
 # Accepted spellings of family names.
