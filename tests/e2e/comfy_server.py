@@ -114,6 +114,14 @@ def default_python() -> str:
     return str(venv_py) if venv_py.exists() else sys.executable
 
 
+def has_frontend(python: str, env: Optional[dict] = None) -> bool:
+    """Whether `python` imports the host's editor (comfyui-frontend-package), without which the
+    host exits at start-up unless --front-end-root names a folder to serve instead."""
+    probe = subprocess.run([python, "-c", "import comfyui_frontend_package"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return probe.returncode == 0
+
+
 class WsCollector:
     """Gathers every message from ``ws://host/ws?clientId=...`` in a thread.
 
@@ -314,6 +322,20 @@ class ComfyServer:
         self.log_path = self.log_dir / f"comfy-server-{self.port}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         self._log_file = open(self.log_path, "wb")
 
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        site = host_site_dir(self.comfy_dir)
+        if site is not None:  # this host's own packages, ahead of the shared venv's
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
+        frontend = ()
+        if "--front-end-root" not in self.extra_args and not has_frontend(self.python, env):
+            # an API-only host (a bare accelerator machine, see scripts/device_kit.sh): serve a stub
+            # page instead of the editor, so that the host starts; the HTTP API is unchanged
+            root = self.tmp_dir / "frontend"
+            root.mkdir()
+            (root / "index.html").write_text("<!doctype html><title>ComfyUI (API only)</title>\n", encoding="utf-8")
+            frontend = ("--front-end-root", str(root))
+
         cmd = [
             self.python,
             str(main_py),
@@ -326,13 +348,9 @@ class ComfyServer:
             "--user-directory", str(self.user_dir),
             "--temp-directory", str(self.tmp_dir / "temp"),
             "--extra-model-paths-config", str(extra_yaml),
+            *frontend,
             *self.extra_args,
         ]
-        env = dict(os.environ if self.env is None else self.env)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        site = host_site_dir(self.comfy_dir)
-        if site is not None:  # this host's own packages, ahead of the shared venv's
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
         self._log_file.write(("$ " + " ".join(cmd) + "\n").encode())
         self._log_file.flush()
         self._proc = subprocess.Popen(
